@@ -67,6 +67,9 @@ def get_config():
   d.num_workers = 2               # grain worker processes per host (0: in-process)
   d.prefetch_buffer_size = 2
   d.fail_on_bad_sample = False    # True: a corrupt image or impossible box stops the run
+  d.synthetic = False             # True: train.py generates (once, cached) the synthetic
+                                  # COCO set (transpose_jax.synthetic, seed config.seed) at
+                                  # data.root ('': synthetic.default_cache_dir())
 
   # ------------------------------------------------------------- training
   config.batch_size = 32          # global, over every device of every host

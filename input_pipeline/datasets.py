@@ -1,0 +1,357 @@
+"""COCO and MPII person records in the official top-down layouts.
+
+A split is a `KeypointSplit`: one record per person box, with the box already
+turned into the official (center, scale) and the joints in image pixels.
+
+Layouts (as the official code expects them):
+
+* COCO: ROOT/annotations/person_keypoints_{split}.json and
+  ROOT/images/{split}/<file_name>.
+* MPII (HRNet json): ROOT/annot/{split}.json and ROOT/images/<image>.
+
+Both loaders also take explicit `annotation_file=` and `image_dir=` keyword
+arguments, which override the layout; that is how the flat sample folders
+(`shared/data/coco_sample`: json and jpgs side by side) are read::
+
+  load_coco(None, 'val2017', is_train=False,
+            annotation_file='coco_sample/test_coco.json',
+            image_dir='coco_sample')
+
+Record semantics follow `lib/dataset/coco.py` and `lib/dataset/mpii.py`:
+COCO boxes are cleaned (clipped to the image, area > 0) and persons without
+labelled keypoints are dropped (training and GT-box evaluation alike; crowd
+annotations are never used); evaluation on detections keeps every person
+detection with score >= image_thre. MPII centres move down by 15 * scale px,
+scales grow by 1.25, and centre and joints become 0-based.
+
+Bad input: a missing annotation file or image folder, or a split with no
+record, raises at once naming the path. An impossible box (non-finite numbers,
+no area after cleaning, a detection with w <= 0 or h <= 0, an MPII scale <= 0)
+is counted, skipped and reported in one warning naming the annotations;
+`fail_on_bad_sample=True` makes it an error. (The official code silently drops
+the COCO boxes that cleaning rejects; it would crash or crop garbage on the
+others.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from input_pipeline import transforms
+
+logger = logging.getLogger(__name__)
+
+COCO_NUM_JOINTS = 17
+MPII_NUM_JOINTS = 16
+# Official TransPose crops are 192x256 (w x h).
+DEFAULT_ASPECT_RATIO = 192 / 256
+
+
+class BadSampleError(ValueError):
+  """A sample that cannot be cropped faithfully (with fail_on_bad_sample)."""
+
+
+@dataclasses.dataclass
+class KeypointSplit:
+  """One split of a keypoint dataset, one record per person box.
+
+  Attributes:
+    name: 'coco' or 'mpii'.
+    records: list of dicts with 'image_path' (str), 'image_id' (int),
+      'center' [2] and 'scale' [2] (float32 for COCO as upstream, float64 for
+      MPII as upstream; scale in units of 200 px), 'joints' float64 [K, 3]
+      (x, y, 0) in image pixels, 'joints_vis' float64 [K, 3] (v, v, 0) with v
+      in {0, 1}, 'score' (1.0 for GT boxes, the detector score otherwise) and
+      'area' (prod(scale * 200) in float32, what the official evaluation
+      stores). COCO records also keep 'bbox' (the cleaned x, y, w, h).
+    annotation_file: path of the annotation json.
+    image_dir: folder the image paths are relative to.
+    flip_pairs: left/right joint pairs (0-based).
+    num_joints: K.
+    upper_body_ids: joints counted as upper body by the half-body augmentation.
+    aspect_ratio: crop w / h used to turn COCO boxes into (center, scale); the
+      pipeline checks it against the configured image size. None for MPII,
+      whose boxes do not depend on it.
+    num_skipped: boxes skipped as impossible.
+  """
+  name: str
+  records: list[dict[str, Any]]
+  annotation_file: str
+  image_dir: str
+  flip_pairs: tuple[tuple[int, int], ...]
+  num_joints: int
+  upper_body_ids: tuple[int, ...]
+  aspect_ratio: float | None
+  num_skipped: int = 0
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+
+def _require_file(path: str, what: str) -> str:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f'{what} {path!r} does not exist: check data.root / the split name '
+        '(or pass annotation_file=)')
+  return path
+
+
+def _require_dir(path: str, what: str) -> str:
+  if not os.path.isdir(path):
+    raise FileNotFoundError(
+        f'{what} {path!r} does not exist: check data.root / the split name '
+        '(or pass image_dir=)')
+  return path
+
+
+def _report_skipped(skipped: list[str], source: str,
+                    fail_on_bad_sample: bool) -> None:
+  if not skipped:
+    return
+  shown = '; '.join(skipped[:10]) + (' ...' if len(skipped) > 10 else '')
+  message = f'{source}: {len(skipped)} impossible box(es) skipped: {shown}'
+  if fail_on_bad_sample:
+    raise BadSampleError(message + ' (data.fail_on_bad_sample is set)')
+  logger.warning(message)
+
+
+def _finite(values: Sequence[float]) -> bool:
+  return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+def _area(scale: np.ndarray) -> float:
+  return float(np.prod(np.asarray(scale, np.float32) * np.float32(200)))
+
+
+def _coco_joints(keypoints: Sequence[float], num_joints: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  kp = np.asarray(keypoints, dtype=np.float64).reshape(-1, 3)
+  if len(kp) != num_joints:
+    raise ValueError(f'expected {num_joints} keypoints, got {len(kp)}')
+  joints = np.zeros((num_joints, 3))
+  joints[:, :2] = kp[:, :2]
+  vis = np.minimum(kp[:, 2], 1.0)
+  joints_vis = np.stack([vis, vis, np.zeros(num_joints)], axis=1)
+  return joints, joints_vis
+
+
+def _clean_box(bbox, width: int, height: int):
+  """Official box sanitising: clip to the image; None if nothing is left."""
+  x, y, w, h = bbox
+  x1 = max(0, x)
+  y1 = max(0, y)
+  x2 = min(width - 1, x1 + max(0, w - 1))
+  y2 = min(height - 1, y1 + max(0, h - 1))
+  if x2 >= x1 and y2 >= y1:
+    return [x1, y1, x2 - x1 + 1, y2 - y1 + 1]
+  return None
+
+
+def load_coco(root: str | None, split: str, *, is_train: bool,
+              use_gt_bbox: bool = True, detection_file: str = '',
+              image_thre: float = 0.0, num_joints: int = COCO_NUM_JOINTS,
+              annotation_file: str | None = None,
+              image_dir: str | None = None,
+              aspect_ratio: float = DEFAULT_ASPECT_RATIO,
+              fail_on_bad_sample: bool = False) -> KeypointSplit:
+  """Loads a COCO person-keypoints split.
+
+  Args:
+    root: dataset root (COCO layout); may be None when both annotation_file
+      and image_dir are given.
+    split: e.g. 'train2017' or 'val2017'.
+    is_train: training split (always GT boxes of persons with keypoints).
+    use_gt_bbox: evaluation on GT boxes; False reads `detection_file`.
+    detection_file: person detections json (list of {image_id, category_id,
+      bbox [x, y, w, h], score}).
+    image_thre: detections scoring below this are dropped.
+    num_joints: 17 for COCO.
+    annotation_file: overrides ROOT/annotations/person_keypoints_{split}.json.
+    image_dir: overrides ROOT/images/{split}.
+    aspect_ratio: crop w / h (192 / 256 for every TransPose config).
+    fail_on_bad_sample: raise on an impossible box instead of skipping it.
+
+  Returns:
+    The KeypointSplit.
+  """
+  if annotation_file is None:
+    if root is None:
+      raise ValueError('load_coco needs root or annotation_file=')
+    annotation_file = os.path.join(root, 'annotations',
+                                   f'person_keypoints_{split}.json')
+  if image_dir is None:
+    if root is None:
+      raise ValueError('load_coco needs root or image_dir=')
+    image_dir = os.path.join(root, 'images', split)
+  _require_file(annotation_file, 'COCO annotation file')
+  _require_dir(image_dir, 'COCO image folder')
+  with open(annotation_file) as f:
+    coco = json.load(f)
+
+  # Official class index 1 is the first category of the file (person).
+  categories = coco.get('categories') or [{'id': 1}]
+  person_id = categories[0]['id']
+  images = {im['id']: im for im in coco.get('images', [])}
+
+  def image_path(image_id: int) -> str:
+    im = images.get(image_id)
+    name = im['file_name'] if im and 'file_name' in im else f'{image_id:012d}.jpg'
+    return os.path.join(image_dir, name)
+
+  skipped: list[str] = []
+  records: list[dict[str, Any]] = []
+  if is_train or use_gt_bbox:
+    anns_by_image: dict[int, list[dict[str, Any]]] = {}
+    for ann in coco.get('annotations', []):
+      anns_by_image.setdefault(ann['image_id'], []).append(ann)
+    for image_id, im in images.items():
+      for ann in anns_by_image.get(image_id, []):
+        if ann.get('iscrowd', 0) != 0:
+          continue
+        bbox = ann.get('bbox', [])
+        if len(bbox) != 4 or not _finite(bbox):
+          skipped.append(f'annotation {ann.get("id")} (image {image_id}): '
+                         f'bbox {bbox}')
+          continue
+        clean = _clean_box(bbox, im['width'], im['height'])
+        if ann.get('area', 0) <= 0 or clean is None:
+          skipped.append(f'annotation {ann.get("id")} (image {image_id}): '
+                         f'bbox {bbox}, area {ann.get("area")}')
+          continue
+        if ann.get('category_id', person_id) != person_id:
+          continue
+        if max(ann['keypoints']) == 0:
+          continue
+        joints, joints_vis = _coco_joints(ann['keypoints'], num_joints)
+        center, scale = transforms.box_to_center_scale(clean, aspect_ratio)
+        records.append(dict(
+            image_path=image_path(image_id), image_id=int(image_id),
+            center=center, scale=scale, joints=joints, joints_vis=joints_vis,
+            score=1.0, area=_area(scale),
+            bbox=np.asarray(clean, dtype=np.float64)))
+    source = annotation_file
+  else:
+    if not detection_file:
+      raise ValueError('evaluation with use_gt_bbox=False needs '
+                       'data.detection_file (a person detections json)')
+    _require_file(detection_file, 'person detection file')
+    with open(detection_file) as f:
+      detections = json.load(f)
+    for i, det in enumerate(detections):
+      if det.get('category_id', 1) != 1:
+        continue
+      box, score = det.get('bbox', []), det.get('score', 0.0)
+      if (len(box) != 4 or not _finite(box) or not _finite([score])
+          or box[2] <= 0 or box[3] <= 0):
+        skipped.append(f'detection {i} (image {det.get("image_id")}): '
+                       f'bbox {box}, score {score}')
+        continue
+      if score < image_thre:
+        continue
+      center, scale = transforms.box_to_center_scale(box, aspect_ratio)
+      records.append(dict(
+          image_path=image_path(det['image_id']),
+          image_id=int(det['image_id']), center=center, scale=scale,
+          joints=np.zeros((num_joints, 3)),
+          joints_vis=np.ones((num_joints, 3)),
+          score=float(score), area=_area(scale),
+          bbox=np.asarray(box, dtype=np.float64)))
+    source = detection_file
+  _report_skipped(skipped, source, fail_on_bad_sample)
+  if not records:
+    raise ValueError(f'{source}: the split has no usable person record')
+  logger.info('%s: %d records (%d skipped)', source, len(records),
+              len(skipped))
+  return KeypointSplit(
+      name='coco', records=records, annotation_file=annotation_file,
+      image_dir=image_dir, flip_pairs=transforms.COCO_FLIP_PAIRS,
+      num_joints=num_joints, upper_body_ids=transforms.COCO_UPPER_BODY_IDS,
+      aspect_ratio=aspect_ratio, num_skipped=len(skipped))
+
+
+def _image_id(name: str, fallback: int) -> int:
+  stem = os.path.splitext(os.path.basename(name))[0]
+  return int(stem) if stem.isdigit() else fallback
+
+
+def load_mpii(root: str | None, split: str, *, is_train: bool,
+              num_joints: int = MPII_NUM_JOINTS,
+              annotation_file: str | None = None,
+              image_dir: str | None = None,
+              fail_on_bad_sample: bool = False) -> KeypointSplit:
+  """Loads an MPII split in the HRNet json layout.
+
+  Args:
+    root: dataset root (ROOT/annot/{split}.json, ROOT/images/); may be None
+      when both annotation_file and image_dir are given.
+    split: 'train', 'valid', 'test', ... ('test' has no joints).
+    is_train: unused by the geometry (kept for symmetry with load_coco).
+    num_joints: 16 for MPII.
+    annotation_file: overrides ROOT/annot/{split}.json.
+    image_dir: overrides ROOT/images.
+    fail_on_bad_sample: raise on an impossible box instead of skipping it.
+
+  Returns:
+    The KeypointSplit (image_id: the numeric image name, else the index of
+    the image's first record).
+  """
+  del is_train
+  if annotation_file is None:
+    if root is None:
+      raise ValueError('load_mpii needs root or annotation_file=')
+    annotation_file = os.path.join(root, 'annot', f'{split}.json')
+  if image_dir is None:
+    if root is None:
+      raise ValueError('load_mpii needs root or image_dir=')
+    image_dir = os.path.join(root, 'images')
+  _require_file(annotation_file, 'MPII annotation file')
+  _require_dir(image_dir, 'MPII image folder')
+  with open(annotation_file) as f:
+    annotations = json.load(f)
+
+  has_joints = split != 'test'
+  records, skipped = [], []
+  for i, a in enumerate(annotations):
+    center_xy, s = a.get('center', []), a.get('scale', 0.0)
+    if (len(center_xy) != 2 or not _finite(list(center_xy) + [s]) or s <= 0):
+      skipped.append(f'entry {i} ({a.get("image")}): center {center_xy}, '
+                     f'scale {s}')
+      continue
+    center = np.array(center_xy, dtype=np.float64)
+    scale = np.array([s, s], dtype=np.float64)
+    # Official: move the centre down and enlarge to avoid cutting limbs.
+    if center[0] != -1:
+      center[1] = center[1] + 15 * scale[1]
+      scale = scale * 1.25
+    # Matlab 1-based -> 0-based pixels.
+    center = center - 1
+    joints = np.zeros((num_joints, 3))
+    joints_vis = np.zeros((num_joints, 3))
+    if has_joints:
+      jts = np.asarray(a['joints'], dtype=np.float64)
+      if jts.shape != (num_joints, 2):
+        raise ValueError(f'{annotation_file}: entry {i} has joints of shape '
+                         f'{jts.shape}, expected ({num_joints}, 2)')
+      joints[:, :2] = jts - 1
+      vis = np.asarray(a['joints_vis'], dtype=np.float64)
+      joints_vis[:, 0] = vis
+      joints_vis[:, 1] = vis
+    records.append(dict(
+        image_path=os.path.join(image_dir, a['image']),
+        image_id=_image_id(a['image'], i), center=center, scale=scale,
+        joints=joints, joints_vis=joints_vis, score=1.0, area=_area(scale)))
+  _report_skipped(skipped, annotation_file, fail_on_bad_sample)
+  if not records:
+    raise ValueError(f'{annotation_file}: the split has no usable record')
+  return KeypointSplit(
+      name='mpii', records=records, annotation_file=annotation_file,
+      image_dir=image_dir, flip_pairs=transforms.MPII_FLIP_PAIRS,
+      num_joints=num_joints, upper_body_ids=transforms.MPII_UPPER_BODY_IDS,
+      aspect_ratio=None, num_skipped=len(skipped))

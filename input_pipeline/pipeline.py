@@ -1,0 +1,544 @@
+"""grain input pipelines: training batches and evaluation batches.
+
+Training (`make_train_loader`)::
+
+  indices 0..N-1 -> seeded shuffle, reshuffled every epoch, repeated forever
+  -> random_map: decode -> official augmentation -> cv2.warpAffine crop
+     (+ joints in heatmap pixels)              [per element, in the workers]
+  -> this process's shard [process_index::process_count]
+  -> worker processes (mp_prefetch) -> batch -> Gaussian targets (vectorised)
+
+Each step's global batch is a contiguous chunk of the global shuffled stream;
+process p holds every process_count-th element of it. The per-element random
+generator is seeded from (config.seed, global element index), so batches do
+not depend on the number of workers or threads, and a restored iterator
+continues exactly where the saved one stopped.
+
+Batch layout (numpy, one dict per step and process):
+  'image'         uint8   [b, H, W, 3]  RGB crop, NOT normalised: the device
+                                        calls `normalize_images` (ImageNet
+                                        mean/std) so the host ships 4x less.
+  'target'        float32 [b, h, w, K]  heatmaps, channels last (= model NHWC
+                                        output); the official layout is
+                                        [b, K, h, w].
+  'target_weight' float32 [b, K]        official [b, K, 1] without the 1.
+
+Checkpointing: `iter(loader)` is a grain `DatasetIterator`; its
+`get_state()` is a JSON-serialisable dict and `set_state()` restores it. With
+orbax, register grain's handler and save it beside the model::
+
+  import grain, orbax.checkpoint as ocp
+  mngr = ocp.CheckpointManager(dir, item_names=('state', 'data'))
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=grain.checkpoint.CheckpointSave(data_iter)))
+  mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      data=grain.checkpoint.CheckpointRestore(data_iter)))
+
+(grain writes one `process_{i}-of-{n}.json` per process.)
+
+Bad samples: an image that is missing, unreadable or truncated is counted
+(`bad_sample_count()`, per process) and reported in a warning naming the
+file. In training it is REPLACED deterministically by the next record
+((index + 1) mod N, then + 2, ... up to 16 tries) with the same random draws,
+so batch shapes and the worker-count independence are kept. In evaluation the
+crop is left black with mask False (no prediction must be kept for it).
+`config.data.fail_on_bad_sample=True` raises instead.
+
+Evaluation (`make_eval_loader`): records in split order, padded to
+process_count * batch_size * num_batches; process p takes the contiguous block
+[p * per_process, (p + 1) * per_process). Padding rows have mask False.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Iterator
+
+from absl import flags
+import cv2
+import grain
+import numpy as np
+
+from input_pipeline import datasets
+from input_pipeline import targets as targets_lib
+from input_pipeline import transforms
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+# How many following records are tried in place of an unreadable one.
+_MAX_REPLACEMENTS = 16
+# Decoding runs in parallel threads (OpenCV releases the GIL); parallelism
+# across cores comes from the worker processes or these threads.
+_READ_THREADS = 2
+
+_bad_samples = 0
+
+
+def bad_sample_count() -> int:
+  """Bad images met so far in this process (workers count their own)."""
+  return _bad_samples
+
+
+def normalize_images(images):
+  """uint8 RGB [..., 3] -> float32 (x / 255 - ImageNet mean) / std.
+
+  Works on numpy and jax arrays (jax in -> jax out); bit-identical to the
+  official ToTensor + Normalize in float32.
+  """
+  x = images.astype(np.float32) / np.float32(255)
+  return (x - IMAGENET_MEAN) / IMAGENET_STD
+
+
+# ----------------------------------------------------------------- images
+
+
+class BadImageError(datasets.BadSampleError):
+  """An image that is missing, unreadable or truncated."""
+
+
+def _looks_truncated(data: bytes) -> bool:
+  """True if a JPEG/PNG stream lacks its end marker (cv2 would pad it grey)."""
+  if data[:2] == b'\xff\xd8':
+    # Some writers append padding after EOI: look near the end.
+    return b'\xff\xd9' not in data[-1024:]
+  if data[:8] == b'\x89PNG\r\n\x1a\n':
+    return b'IEND' not in data[-32:]
+  return False
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+  """Encoded bytes -> RGB uint8 [H, W, 3], as cv2.imread + BGR2RGB would.
+
+  Raises:
+    BadImageError: empty, undecodable or truncated data.
+  """
+  if not data:
+    raise BadImageError(f'image {name!r} is empty')
+  if _looks_truncated(data):
+    raise BadImageError(f'image {name!r} is truncated (no end marker)')
+  image = cv2.imdecode(np.frombuffer(data, np.uint8),
+                       cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+  if image is None:
+    raise BadImageError(f'image {name!r} cannot be decoded')
+  return image
+
+
+def read_image(path: str) -> np.ndarray:
+  """Reads and decodes an image file to RGB uint8 (see decode_image)."""
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError as e:
+    raise BadImageError(f'image {path!r} cannot be read: {e}') from e
+  return decode_image(data, path)
+
+
+def _bad_sample(error: Exception, fail: bool) -> None:
+  global _bad_samples
+  _bad_samples += 1
+  if fail:
+    raise datasets.BadSampleError(
+        f'{error} (data.fail_on_bad_sample is set)') from error
+  logger.warning('skipping bad sample #%d: %s', _bad_samples, error)
+
+
+# ---------------------------------------------------------------- records
+
+
+class RecordTable:
+  """Compact, picklable columns of a KeypointSplit (files source).
+
+  Workers receive this instead of a list of dicts (much faster to pickle).
+  """
+
+  def __init__(self, split: datasets.KeypointSplit):
+    recs = split.records
+    self.image_paths = [r['image_path'] for r in recs]
+    self.image_ids = np.array([r['image_id'] for r in recs], np.int64)
+    # Keep the official dtypes: they change the float32 geometry.
+    self.centers = np.stack([r['center'] for r in recs])
+    self.scales = np.stack([r['scale'] for r in recs])
+    self.joints = np.stack([r['joints'] for r in recs]).astype(np.float64)
+    self.joints_vis = np.stack([r['joints_vis'] for r in recs]).astype(
+        np.float64)
+    self.scores = np.array([r['score'] for r in recs], np.float32)
+
+  def __len__(self) -> int:
+    return len(self.image_paths)
+
+  def record(self, i: int) -> dict[str, Any]:
+    return dict(image_path=self.image_paths[i], image_id=self.image_ids[i],
+                center=self.centers[i], scale=self.scales[i],
+                joints=self.joints[i], joints_vis=self.joints_vis[i],
+                score=self.scores[i])
+
+  def image(self, i: int) -> np.ndarray:
+    return read_image(self.image_paths[i])
+
+
+def _make_table(split: datasets.KeypointSplit):
+  if hasattr(split.records, 'table'):  # TFDS-backed records
+    return split.records.table
+  return RecordTable(split)
+
+
+# -------------------------------------------------------------- geometry
+
+
+@dataclasses.dataclass(frozen=True)
+class CropSpec:
+  """Sizes and augmentation settings, (w, h) ordered like the transforms."""
+  image_wh: tuple[int, int]
+  heatmap_wh: tuple[int, int]
+  num_joints: int
+  sigma: float
+  scale_factor: float
+  rot_factor: float
+  rot_prob: float
+  flip: bool
+  prob_half_body: float
+  num_joints_half_body: int
+  flip_pairs: tuple[tuple[int, int], ...]
+  upper_body_ids: tuple[int, ...]
+
+  @property
+  def aspect_ratio(self) -> float:
+    return self.image_wh[0] * 1.0 / self.image_wh[1]
+
+
+def crop_spec(config, split: datasets.KeypointSplit) -> CropSpec:
+  """CropSpec from config.model / config.data, checked against the split."""
+  h, w = config.model.image_size
+  hh, hw = config.model.heatmap_size
+  d = config.data
+  if split.num_joints != config.model.num_joints:
+    raise ValueError(f'{split.annotation_file} has {split.num_joints} joints '
+                     f'but config.model.num_joints = {config.model.num_joints}')
+  if (split.aspect_ratio is not None
+      and not math.isclose(split.aspect_ratio, w / h)):
+    raise ValueError(
+        f'{split.annotation_file} boxes were converted with aspect ratio '
+        f'{split.aspect_ratio} but config.model.image_size {h}x{w} needs '
+        f'{w / h}: build the split with build_split(config, ...)')
+  if not d.color_rgb:
+    raise ValueError('data.color_rgb=False (BGR crops) is not supported')
+  return CropSpec(
+      image_wh=(int(w), int(h)), heatmap_wh=(int(hw), int(hh)),
+      num_joints=split.num_joints, sigma=float(d.sigma),
+      scale_factor=float(d.scale_factor), rot_factor=float(d.rot_factor),
+      rot_prob=float(d.rot_prob), flip=bool(d.flip),
+      prob_half_body=float(d.prob_half_body),
+      num_joints_half_body=int(d.num_joints_half_body),
+      flip_pairs=tuple(tuple(p) for p in split.flip_pairs),
+      upper_body_ids=tuple(split.upper_body_ids))
+
+
+def augment(record: dict[str, Any], image_width: int, spec: CropSpec,
+            rng: np.random.Generator):
+  """Official training augmentation of one person.
+
+  Draw order and distributions follow JointsDataset.__getitem__: half body
+  with probability prob_half_body when more than num_joints_half_body joints
+  are visible (upper body when N(0,1) < 0.5 and it has > 2 joints), scale s *
+  clip(N(1, sf), 1 - sf, 1 + sf), rotation clip(N(0, rf), -2rf, 2rf) with
+  probability rot_prob, horizontal flip with probability 0.5.
+
+  Returns:
+    (center, scale, rotation, flipped, joints, joints_vis): joints already
+    mirrored and swapped when flipped (the image is not touched here).
+  """
+  joints, joints_vis = record['joints'], record['joints_vis']
+  center = np.array(record['center'], copy=True)
+  scale = np.array(record['scale'], copy=True)
+  if (joints_vis[:, 0].sum() > spec.num_joints_half_body
+      and rng.random() < spec.prob_half_body):
+    half = transforms.half_body_center_scale(
+        joints, joints_vis, spec.upper_body_ids, spec.aspect_ratio,
+        pick_upper=rng.standard_normal() < 0.5)
+    if half is not None:
+      center, scale = half
+  sf, rf = spec.scale_factor, spec.rot_factor
+  scale = scale * np.clip(rng.standard_normal() * sf + 1, 1 - sf, 1 + sf)
+  rot = (np.clip(rng.standard_normal() * rf, -rf * 2, rf * 2)
+         if rng.random() <= spec.rot_prob else 0)
+  flipped = bool(spec.flip and rng.random() <= 0.5)
+  if flipped:
+    joints, joints_vis = transforms.flip_joints(joints, joints_vis,
+                                                image_width, spec.flip_pairs)
+    center[0] = image_width - center[0] - 1
+  return center, scale, rot, flipped, joints, joints_vis
+
+
+def warp(image: np.ndarray, center, scale, rot, spec: CropSpec) -> np.ndarray:
+  trans = transforms.get_affine_transform(center, scale, rot, spec.image_wh)
+  return cv2.warpAffine(image, trans, spec.image_wh, flags=cv2.INTER_LINEAR)
+
+
+def heatmap_joints(joints: np.ndarray, joints_vis: np.ndarray, center, scale,
+                   rot, spec: CropSpec) -> np.ndarray:
+  """Visible joints mapped into heatmap pixels ([K, 2] float64)."""
+  trans = transforms.get_affine_transform(center, scale, rot, spec.heatmap_wh)
+  out = np.array(joints[:, :2], dtype=np.float64, copy=True)
+  visible = joints_vis[:, 0] > 0
+  out[visible] = transforms.affine_transform(out[visible], trans)
+  return out
+
+
+class TrainSample:
+  """grain random map: record index -> augmented crop + heatmap joints."""
+
+  def __init__(self, table, spec: CropSpec, fail_on_bad_sample: bool):
+    self.table = table
+    self.spec = spec
+    self.fail = fail_on_bad_sample
+
+  def _load(self, index: int):
+    n = len(self.table)
+    for k in range(_MAX_REPLACEMENTS + 1):
+      i = (index + k) % n
+      try:
+        return self.table.record(i), self.table.image(i)
+      except BadImageError as e:
+        _bad_sample(e, self.fail)
+    raise datasets.BadSampleError(
+        f'records {index}..{index + _MAX_REPLACEMENTS} (mod {n}) are all '
+        'unreadable: check the image folder')
+
+  def __call__(self, index, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    record, image = self._load(int(index))
+    center, scale, rot, flipped, joints, joints_vis = augment(
+        record, image.shape[1], self.spec, rng)
+    if flipped:
+      image = cv2.flip(image, 1)
+    crop = warp(image, center, scale, rot, self.spec)
+    return dict(image=crop,
+                joints=heatmap_joints(joints, joints_vis, center, scale, rot,
+                                      self.spec),
+                joints_vis=np.asarray(joints_vis[:, 0], np.float32))
+
+
+class AddTargets:
+  """Batch map: heatmap joints -> official Gaussian targets (NHWC)."""
+
+  def __init__(self, spec: CropSpec):
+    self.spec = spec
+
+  def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    target, weight = targets_lib.generate_targets(
+        batch['joints'], batch['joints_vis'], self.spec.heatmap_wh,
+        self.spec.sigma, channels_last=True)
+    return dict(image=batch['image'], target=target, target_weight=weight)
+
+
+# ----------------------------------------------------------------- splits
+
+
+def build_split(config, *, train: bool) -> datasets.KeypointSplit:
+  """The KeypointSplit config.data describes (coco | mpii, files | tfds)."""
+  d = config.data
+  split = d.train_split if train else d.val_split
+  if d.get('source', 'files') == 'tfds':
+    from input_pipeline import tfds_builders  # pylint: disable=g-import-not-at-top
+    return tfds_builders.load_split(config, train=train)
+  if d.source != 'files':
+    raise ValueError(f"data.source must be 'files' or 'tfds', got {d.source!r}")
+  h, w = config.model.image_size
+  if d.dataset == 'coco':
+    return datasets.load_coco(
+        d.root, split, is_train=train, use_gt_bbox=d.use_gt_bbox,
+        detection_file=d.detection_file, image_thre=d.image_thre,
+        num_joints=config.model.num_joints, aspect_ratio=w / h,
+        fail_on_bad_sample=d.fail_on_bad_sample)
+  if d.dataset == 'mpii':
+    return datasets.load_mpii(d.root, split, is_train=train,
+                              num_joints=config.model.num_joints,
+                              fail_on_bad_sample=d.fail_on_bad_sample)
+  raise ValueError(f"data.dataset must be 'coco' or 'mpii', got {d.dataset!r}")
+
+
+def _process(process_index, process_count) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in [0, '
+                     f'{process_count})')
+  return process_index, process_count
+
+
+def _read_options(config) -> grain.ReadOptions:
+  return grain.ReadOptions(
+      num_threads=_READ_THREADS,
+      prefetch_buffer_size=max(1, int(config.data.prefetch_buffer_size)) * 8)
+
+
+def _prefetch(ds: grain.IterDataset, config) -> grain.IterDataset:
+  num_workers = int(config.data.num_workers)
+  if num_workers <= 0:
+    return ds
+  # grain's worker processes read absl flags; outside absl.app (tests,
+  # notebooks) they are not parsed yet and grain would fail.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return ds.mp_prefetch(grain.MultiprocessingOptions(
+      num_workers=num_workers,
+      per_worker_buffer_size=max(1, int(config.data.prefetch_buffer_size)) * 8),
+                        worker_init_fn=_worker_init)
+
+
+def _worker_init(worker_index: int, worker_count: int) -> None:
+  del worker_index, worker_count
+  # One OpenCV thread per worker: the workers already fill the cores.
+  cv2.setNumThreads(1)
+
+
+@dataclasses.dataclass
+class TrainLoader:
+  """Infinite training batches of one process; `iter()` gives a checkpointable
+  grain DatasetIterator (get_state / set_state)."""
+  dataset: grain.IterDataset
+  split: datasets.KeypointSplit
+  local_batch_size: int
+  steps_per_epoch: int
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return iter(self.dataset)
+
+
+def train_indices(num_records: int, seed: int) -> grain.MapDataset:
+  """Global stream of record indices: reshuffled every epoch, endless.
+
+  Element g of the stream is used by process g % process_count; its random
+  augmentation is seeded by (seed, g).
+  """
+  return grain.MapDataset.range(num_records).seed(seed).shuffle().repeat(None)
+
+
+def make_train_loader(config, *, process_index: int | None = None,
+                      process_count: int | None = None,
+                      split: datasets.KeypointSplit | None = None
+                      ) -> TrainLoader:
+  """Training loader of this process (local batch = batch_size / processes).
+
+  Args:
+    config: the project config (config.data, config.model, batch_size, seed).
+    process_index: defaults to jax.process_index().
+    process_count: defaults to jax.process_count().
+    split: an already loaded training split (default: build_split).
+
+  Returns:
+    A TrainLoader; see the module docstring for the batch layout.
+  """
+  process_index, process_count = _process(process_index, process_count)
+  if config.batch_size % process_count:
+    raise ValueError(f'batch_size {config.batch_size} is not divisible by '
+                     f'{process_count} processes')
+  local_batch = config.batch_size // process_count
+  split = build_split(config, train=True) if split is None else split
+  spec = crop_spec(config, split)
+  table = _make_table(split)
+  ds = train_indices(len(table), int(config.seed)).random_map(
+      TrainSample(table, spec, bool(config.data.fail_on_bad_sample)))
+  ds = ds[process_index::process_count]
+  it = _prefetch(ds.to_iter_dataset(_read_options(config)), config)
+  it = it.batch(local_batch, drop_remainder=True).map(AddTargets(spec))
+  return TrainLoader(dataset=it, split=split, local_batch_size=local_batch,
+                     steps_per_epoch=len(table) // config.batch_size)
+
+
+# ------------------------------------------------------------- evaluation
+
+
+class EvalSample:
+  """grain map: padded position -> test-mode crop of record (or padding)."""
+
+  def __init__(self, table, spec: CropSpec, offset: int,
+               fail_on_bad_sample: bool):
+    self.table = table
+    self.spec = spec
+    self.offset = offset
+    self.fail = fail_on_bad_sample
+
+  def __call__(self, position) -> dict[str, np.ndarray]:
+    index = self.offset + int(position)
+    w, h = self.spec.image_wh
+    out = dict(image=np.zeros((h, w, 3), np.uint8),
+               center=np.zeros(2, np.float32), scale=np.zeros(2, np.float32),
+               score=np.float32(0), image_id=np.int64(-1),
+               index=np.int64(index), mask=np.bool_(False))
+    if index >= len(self.table):
+      out['index'] = np.int64(-1)
+      return out
+    record = self.table.record(index)
+    out.update(center=np.asarray(record['center'], np.float32),
+               scale=np.asarray(record['scale'], np.float32),
+               score=np.float32(record['score']),
+               image_id=np.int64(record['image_id']))
+    try:
+      image = self.table.image(index)
+    except BadImageError as e:
+      _bad_sample(e, self.fail)
+      return out
+    out['image'] = warp(image, record['center'], record['scale'], 0, self.spec)
+    out['mask'] = np.bool_(True)
+    return out
+
+
+@dataclasses.dataclass
+class EvalLoader:
+  """Deterministic, padded evaluation batches of one process."""
+  dataset: grain.IterDataset
+  num_batches: int
+  local_batch_size: int
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return iter(self.dataset)
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+
+def eval_positions(num_records: int, batch_size: int, process_index: int,
+                   process_count: int) -> tuple[int, int, int]:
+  """(offset, per_process, num_batches) of a process's contiguous block."""
+  num_batches = max(1, math.ceil(num_records / (batch_size * process_count)))
+  per_process = num_batches * batch_size
+  return process_index * per_process, per_process, num_batches
+
+
+def make_eval_loader(config, split_data: datasets.KeypointSplit, *,
+                     batch_size: int, process_index: int | None = None,
+                     process_count: int | None = None) -> EvalLoader:
+  """Test-mode crops of split_data for this process.
+
+  Args:
+    config: the project config.
+    split_data: the evaluation split (build_split(config, train=False)).
+    batch_size: LOCAL batch size (per process).
+    process_index: defaults to jax.process_index().
+    process_count: defaults to jax.process_count().
+
+  Returns:
+    An EvalLoader yielding dicts: 'image' uint8 [b, H, W, 3], 'center'
+    float32 [b, 2], 'scale' float32 [b, 2], 'score' float32 [b], 'image_id'
+    int64 [b], 'index' int64 [b] (into split_data.records, -1 on padding),
+    'mask' bool [b] (False on padding and unreadable images).
+  """
+  process_index, process_count = _process(process_index, process_count)
+  spec = crop_spec(config, split_data)
+  table = _make_table(split_data)
+  offset, per_process, num_batches = eval_positions(
+      len(table), batch_size, process_index, process_count)
+  ds = grain.MapDataset.range(per_process).map(
+      EvalSample(table, spec, offset, bool(config.data.fail_on_bad_sample)))
+  it = _prefetch(ds.to_iter_dataset(_read_options(config)), config)
+  it = it.batch(batch_size, drop_remainder=False)
+  return EvalLoader(dataset=it, num_batches=num_batches,
+                    local_batch_size=batch_size)

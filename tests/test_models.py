@@ -1,0 +1,137 @@
+"""Model structure and layer semantics (no official weights needed)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import default
+from transpose_jax import convert, models
+from transpose_jax.models import layers, transformer
+
+
+def tiny_config(name='transpose_r', head='deconv', pos='sine', image_size=(64, 48)):
+  config = default.get_config()
+  m = config.model
+  m.name, m.head, m.pos_embedding = name, head, pos
+  m.image_size = image_size
+  m.heatmap_size = (image_size[0] // 4, image_size[1] // 4)
+  m.d_model, m.dim_feedforward, m.n_head, m.encoder_layers = 32, 64, 4, 2
+  m.resnet.width = 16
+  m.hrnet.stage2.num_channels = (8, 16)
+  m.hrnet.stage3.num_channels = (8, 16, 32)
+  m.hrnet.stage2.num_blocks = (1, 1)
+  m.hrnet.stage3.num_blocks = (1, 1, 1)
+  m.hrnet.stage3.num_modules = 2
+  return config
+
+
+@pytest.mark.parametrize('variant', ['tp_r_a3', 'tp_r_a4', 'tp_h_s', 'tp_h_a4', 'tp_h_a6'])
+def test_parameter_counts_equal_the_manifest(variant, reference_dir):
+  expected = json.loads((reference_dir / 'manifest.json').read_text())['variants'][variant]
+  model = convert.abstract_model(convert.variant_config(variant).model)
+  trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  table = int(np.prod(model.pos_embedding.get_value().shape))
+  assert trainable == expected['trainable_params']
+  assert trainable + table == expected['all_nn_parameters_incl_fixed_pos_embedding']
+
+
+def test_sine_table_equals_the_official_one(reference_dir):
+  import torch
+  stored = torch.load(reference_dir / 'tp_r_a3' / 'state_dict.pth', weights_only=True)['pos_embedding']
+  ours = transformer.sine_position_embedding(32, 24, 256)
+  np.testing.assert_allclose(ours, stored.numpy()[:, 0, :], rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize('name,head', [('transpose_r', 'deconv'), ('transpose_r', 'bilinear'),
+                                       ('transpose_h', 'conv')])
+@pytest.mark.parametrize('pos', ['sine', 'learnable', 'none'])
+def test_forward_shapes_and_attention(name, head, pos):
+  config = tiny_config(name, head, pos)
+  model = models.build_model(config.model)
+  model.eval()
+  images = jax.random.normal(jax.random.key(0), (2, 64, 48, 3))
+  heatmaps = model(images)
+  assert heatmaps.shape == (2, 16, 12, 17) and heatmaps.dtype == jnp.float32
+  heatmaps2, attention = model(images, return_attention=True)
+  np.testing.assert_array_equal(heatmaps, heatmaps2)
+  stride = 8 if name == 'transpose_r' else 4
+  length = (64 // stride) * (48 // stride)
+  assert attention.shape == (2, 2, length, length)
+  np.testing.assert_allclose(attention.sum(-1), 1.0, atol=1e-5)
+  _, per_head = model(images, return_attention=True, attention_per_head=True)
+  assert per_head.shape == (2, 2, 4, length, length)
+  np.testing.assert_allclose(per_head.mean(2), attention, atol=1e-6)
+
+
+def test_other_image_size_rebuilds_the_sine_table():
+  config = tiny_config(image_size=(96, 64))
+  model = models.build_model(config.model)
+  assert model.pos_embedding.get_value().shape == (12 * 8, 32)
+  np.testing.assert_array_equal(model.pos_embedding.get_value(),
+                                transformer.sine_position_embedding(12, 8, 32))
+  model.eval()
+  assert model(jnp.zeros((1, 96, 64, 3))).shape == (1, 24, 16, 17)
+  with pytest.raises(ValueError, match='image_size'):
+    model(jnp.zeros((1, 64, 48, 3)))
+
+
+def test_config_errors_name_the_field():
+  config = tiny_config()
+  config.model.pos_embedding = 'rotary'
+  with pytest.raises(ValueError, match='pos_embedding'):
+    models.build_model(config.model)
+  config = tiny_config()
+  config.model.heatmap_size = (32, 24)
+  with pytest.raises(ValueError, match='heatmap_size'):
+    models.build_model(config.model)
+
+
+def test_deconv_equals_a_transposed_convolution():
+  deconv = layers.Deconv4x4(5, 3, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 6, 4, 5))
+  kernel = deconv.kernel.get_value()                           # [kH, kW, in, out]
+  # ConvTranspose2d(k4, s2, p1) = lhs-dilated conv, padding k-1-p, flipped kernel.
+  reference = jax.lax.conv_general_dilated(
+      x, kernel[::-1, ::-1], window_strides=(1, 1), padding=((2, 2), (2, 2)),
+      lhs_dilation=(2, 2), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(deconv(x), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_has_pytorch_statistics_semantics():
+  bn = layers.BatchNorm(3)
+  x = np.random.default_rng(0).normal(2.0, 3.0, (4, 5, 6, 3)).astype(np.float32)
+  y = np.asarray(bn(jnp.asarray(x)))
+  flat = x.reshape(-1, 3)
+  np.testing.assert_allclose(y.reshape(-1, 3), (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5),
+                             atol=1e-4)
+  np.testing.assert_allclose(bn.mean.get_value(), 0.1 * flat.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(bn.var.get_value(), 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-5)
+  assert int(bn.num_batches_tracked.get_value()) == 1
+  bn.use_running_average = True
+  np.testing.assert_allclose(
+      bn(jnp.asarray(x)),
+      (x - bn.mean.get_value()) / np.sqrt(bn.var.get_value() + 1e-5), atol=1e-4)
+
+
+def test_dropout_is_active_in_training_only():
+  config = tiny_config()
+  model = models.build_model(config.model, rngs=nnx.Rngs(params=0, dropout=1))
+  images = jax.random.normal(jax.random.key(0), (2, 64, 48, 3))
+  model.train()
+  assert not np.allclose(model(images), model(images))
+  model.eval()
+  np.testing.assert_array_equal(model(images), model(images))
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_output():
+  config = tiny_config()
+  config.model.compute_dtype = 'bfloat16'
+  model = models.build_model(config.model)
+  model.eval()
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  out = model(jax.random.normal(jax.random.key(0), (1, 64, 48, 3)))
+  assert out.dtype == jnp.float32 and bool(jnp.isfinite(out).all())

@@ -1,0 +1,258 @@
+"""Training: learning, outputs, resume after SIGKILL / SIGTERM, faults, bf16.
+
+Everything runs a tiny TransPose-R (tests/tiny_train_config.py) on a tiny
+synthetic COCO set, so each training run takes seconds after compilation.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests import tiny_train_config
+from transpose_jax import optim
+from transpose_jax import sharding
+from transpose_jax import synthetic
+from transpose_jax import train_lib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RESUME_STEPS = 40   # long enough that a signal lands mid-run
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory) -> str:
+  return str(synthetic.generate(tmp_path_factory.mktemp('synthetic') / 'coco', seed=0,
+                                num_train_images=8, num_val_images=4,
+                                image_size=(96, 96), num_workers=1))
+
+
+@pytest.fixture(scope='session')
+def compile_cache(tmp_path_factory) -> str:
+  return str(tmp_path_factory.mktemp('jax_cache'))
+
+
+def _config(root, **overrides):
+  config = tiny_train_config.get_config(root)
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _metrics(workdir) -> list[dict]:
+  path = pathlib.Path(workdir) / train_lib.METRICS_FILE
+  if not path.exists():
+    return []
+  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def _losses(workdir) -> dict[int, float]:
+  return {m['step']: m['loss'] for m in _metrics(workdir) if 'loss' in m}
+
+
+def _steps(workdir) -> list[int]:
+  d = pathlib.Path(workdir) / train_lib.CHECKPOINT_DIR
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+# ------------------------------------------------------- the update step
+
+
+def _one_batch_setup(config):
+  """Model, state and jitted step for `config`, plus one fixed batch."""
+  mesh = sharding.make_mesh()
+  loader, it = train_lib.make_train_iterator(config)
+  model = train_lib.split_model(train_lib.build_model(config))
+  tx, _ = optim.make_optimizer(config, 1000, model.params)
+  host = dict(params=model.params, rest=model.rest, opt_state=tx.init(model.params),
+              step=np.zeros((), np.int32))
+  state, shardings = train_lib.place_state(host, mesh, config.fsdp)
+  step = train_lib.make_train_step(model, tx, mesh, shardings, config.sync_batchnorm)
+  batch = sharding.global_batch(next(it), mesh)
+  return state, step, batch
+
+
+def test_overfits_one_batch(tiny_data):
+  config = _config(tiny_data, lr=1e-3, lr_end=1e-3, **{'model.dropout': 0.0})
+  state, step, batch = _one_batch_setup(config)
+  key = jax.random.key(0)
+  losses = []
+  for _ in range(150):
+    state, metrics = step(state, batch, key)
+    losses.append(float(metrics['loss']))
+  assert np.all(np.isfinite(losses))
+  assert min(losses[-5:]) < losses[0] / 10, losses[::10]
+
+
+def test_bf16_step_runs(tiny_data):
+  config = _config(tiny_data, **{'model.compute_dtype': 'bfloat16'})
+  state, step, batch = _one_batch_setup(config)
+  state, metrics = step(state, batch, jax.random.key(0))
+  assert np.isfinite(float(metrics['loss'])) and float(metrics['grad_norm']) > 0
+  assert metrics['loss'].dtype == jnp.float32
+  # Parameters, BN statistics and optimizer moments stay float32.
+  for leaf in jax.tree.leaves((state['params'], state['opt_state'])):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert leaf.dtype == jnp.float32
+  assert state['rest']['backbone']['bn1']['mean'].dtype == jnp.float32
+
+
+def test_per_device_batchnorm_equals_sync_on_one_device(tiny_data):
+  # With one device, per-device statistics are the global ones: the shard_map
+  # path must give the same numbers as the plain one.
+  if jax.device_count() != 1:
+    pytest.skip('needs exactly one device')
+  results = []
+  for sync in (True, False):
+    state, step, batch = _one_batch_setup(_config(tiny_data, sync_batchnorm=sync))
+    for _ in range(2):
+      state, metrics = step(state, batch, jax.random.key(0))
+    results.append((float(metrics['loss']), state['rest']['backbone']['bn1']['var']))
+  np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+  np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-6)
+
+
+# --------------------------------------------------------- the whole run
+
+
+def test_train_outputs_eval_and_resume(tiny_data, tmp_path):
+  config = _config(tiny_data, eval_every_steps=6, keep_checkpoints=1)
+  result = train_lib.train(config, tmp_path)
+  assert result.step == 6 and not result.preempted
+  metrics = _metrics(tmp_path)
+  logged = [m for m in metrics if 'loss' in m]
+  assert [m['step'] for m in logged] == [1, 2, 3, 4, 5, 6]
+  assert all(set(m) == {'step', 'loss', 'lr'} for m in logged)
+  assert logged[0]['lr'] == pytest.approx(1e-3)
+  evals = [m for m in metrics if 'AP' in m]
+  assert len(evals) == 1 and evals[0]['step'] == 6 and 0 <= evals[0]['AP'] <= 1
+  assert result.best_ap == pytest.approx(evals[0]['AP'])
+  saved = json.loads((tmp_path / train_lib.CONFIG_FILE).read_text())
+  assert saved['model']['d_model'] == 32 and saved['num_train_steps'] == 6
+  assert list((tmp_path / 'tensorboard').glob('events.out.tfevents.*'))
+  assert _steps(tmp_path) == [6]      # keep 1 (the last, also the best)
+
+  # eval.py's restore path reads a training workdir.
+  from transpose_jax import checkpoint
+  restored = checkpoint.restore_model(tmp_path, config)
+  assert restored.final_layer.kernel.shape[-1] == 17
+
+  # Rerunning the finished command resumes at the end: nothing to do.
+  again = train_lib.train(config, tmp_path)
+  assert again.step == 6 and again.losses == {}
+  # Extending the run continues from step 6 (3 more steps).
+  longer = train_lib.train(_config(tiny_data, num_train_steps=9), tmp_path)
+  assert sorted(longer.losses) == [7, 8, 9]
+
+
+def test_workdir_of_another_variant_is_refused(tiny_data, tmp_path):
+  train_lib.train(_config(tiny_data, num_train_steps=1), tmp_path)
+  other = _config(tiny_data, num_train_steps=2, **{'model.d_model': 64, 'model.n_head': 4})
+  with pytest.raises(train_lib.WorkdirMismatchError,
+                     match=r'model.d_model: checkpoint 32 vs config 64[\s\S]*new --workdir'):
+    train_lib.train(other, tmp_path)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+  config = _config(tiny_data, num_train_steps=3)
+  train_lib.train(config, tmp_path)
+  assert _steps(tmp_path) == [3]
+  real_loss = train_lib.losses.joints_mse_loss
+  monkeypatch.setattr(train_lib.losses, 'joints_mse_loss',
+                      lambda *a: real_loss(*a) * jnp.nan)
+  with pytest.raises(train_lib.NonFiniteLossError, match='at step 4.*step 3'):
+    train_lib.train(_config(tiny_data, num_train_steps=6), tmp_path)
+  assert _steps(tmp_path) == [3]
+
+
+# ------------------------------------------- interruption (train.py itself)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted_losses(tiny_data, tmp_path_factory) -> dict[int, float]:
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  config = _config(tiny_data, num_train_steps=RESUME_STEPS, checkpoint_every_steps=5)
+  result = train_lib.train(config, workdir)
+  assert sorted(result.losses) == list(range(1, RESUME_STEPS + 1))
+  return result.losses
+
+
+def _train_cmd(root, workdir):
+  return [sys.executable, str(ROOT / 'train.py'),
+          f'--config={ROOT / "tests" / "tiny_train_config.py"}:{root}',
+          f'--workdir={workdir}', f'--config.num_train_steps={RESUME_STEPS}',
+          '--config.checkpoint_every_steps=5']
+
+
+def _env(cache):
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, PYTHONPATH=str(ROOT))
+  env.pop('XLA_FLAGS', None)
+  return env
+
+
+def _start_and_wait(cmd, env, workdir, until_step, need_checkpoint):
+  proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      out = proc.stdout.read().decode(errors='replace')
+      pytest.fail(f'train.py ended (rc {proc.returncode}) before it could be '
+                  f'interrupted:\n{out[-3000:]}')
+    losses = _losses(workdir)
+    if losses and max(losses) >= until_step and (
+        not need_checkpoint or _steps(workdir)):
+      return proc
+    time.sleep(0.02)
+  proc.kill()
+  pytest.fail('train.py made no progress in 300 s')
+
+
+def _finish(cmd, env):
+  done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_sigkill_resume_reproduces_losses(tiny_data, tmp_path, compile_cache,
+                                          uninterrupted_losses):
+  cmd, env = _train_cmd(tiny_data, tmp_path), _env(compile_cache)
+  proc = _start_and_wait(cmd, env, tmp_path, until_step=7, need_checkpoint=True)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  saved = _steps(tmp_path)
+  assert saved and max(saved) < RESUME_STEPS
+  _finish(cmd, env)
+  losses = _losses(tmp_path)
+  assert sorted(losses) == list(range(1, RESUME_STEPS + 1))
+  steps = sorted(losses)
+  np.testing.assert_allclose([losses[s] for s in steps],
+                             [uninterrupted_losses[s] for s in steps], rtol=1e-6)
+
+
+def test_sigterm_saves_then_resumes(tiny_data, tmp_path, compile_cache,
+                                    uninterrupted_losses):
+  cmd, env = _train_cmd(tiny_data, tmp_path), _env(compile_cache)
+  proc = _start_and_wait(cmd, env, tmp_path, until_step=2, need_checkpoint=False)
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=300)[0].decode(errors='replace')
+  assert proc.returncode == train_lib.PREEMPTED_EXIT_CODE, out[-3000:]
+  stopped = max(_losses(tmp_path))
+  assert 2 <= stopped < RESUME_STEPS
+  assert _steps(tmp_path)[-1] == stopped      # saved at the step it stopped
+  _finish(cmd, env)
+  losses = _losses(tmp_path)
+  steps = sorted(losses)
+  assert steps == list(range(1, RESUME_STEPS + 1))
+  np.testing.assert_allclose([losses[s] for s in steps],
+                             [uninterrupted_losses[s] for s in steps], rtol=1e-6)
