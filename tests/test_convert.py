@@ -39,10 +39,11 @@ def test_parity_with_official_outputs(variant, reference_dir):
   io = np.load(fixture / 'io.npz')
   tol = TOLERANCES[variant]
   images = io['input'].transpose(0, 2, 3, 1)                    # NCHW -> NHWC
-  heatmaps, attention = model(images, return_attention=True)
+  out = model.intermediates(images)
+  heatmaps, attention = out['heatmaps'], out['attention']
   np.testing.assert_allclose(np.asarray(heatmaps).transpose(0, 3, 1, 2), io['heatmaps'],
                              rtol=0, atol=tol['heatmaps'])
-  features = np.asarray(model.features(images)).transpose(1, 0, 2)   # -> [L, N, d]
+  features = np.asarray(out['features']).transpose(1, 0, 2)          # -> [L, N, d]
   np.testing.assert_allclose(features, io['features'], rtol=0, atol=tol['features'])
   attention = np.asarray(attention, np.float64)
   rows = io['attention_query_idx']

@@ -103,31 +103,33 @@ class TransPose(nnx.Module):
     Called on concrete arrays (outside jit) the forward runs as one compiled
     program (cached per input shape) instead of op by op.
     """
-    if isinstance(images, jax.core.Tracer):
-      return self._forward(images, return_attention, attention_per_head)
-    images = jnp.asarray(images)
-    return _compiled_forward(self, images, return_attention, attention_per_head)
+    mode = ('heads' if attention_per_head else 'mean') if return_attention else None
+    out = self.intermediates(images, attention=mode, features=False)
+    return (out['heatmaps'], out['attention']) if return_attention else out['heatmaps']
 
-  def _forward(self, images, return_attention, attention_per_head):
+  def intermediates(self, images: jax.Array, *, attention: str | None = 'mean',
+                    features: bool = True) -> dict:
+    """{'heatmaps', 'attention' (None, 'mean' or 'heads'), 'features' (encoder input)}."""
+    if not isinstance(images, jax.core.Tracer):
+      return _compiled_forward(self, jnp.asarray(images), attention, features)
     tokens = self.features(images)
     pos = None if self.pos_embedding is None else self.pos_embedding[...][None]
-    mode = ('heads' if attention_per_head else 'mean') if return_attention else None
-    tokens, attention = self.global_encoder(tokens, pos, attention=mode)
-    n = tokens.shape[0]
-    x = tokens.reshape(n, *self.feature_hw, -1)
+    encoded, maps = self.global_encoder(tokens, pos, attention=attention)
+    n = encoded.shape[0]
+    x = encoded.reshape(n, *self.feature_hw, -1)
     if self.head == 'deconv':
       x = jax.nn.relu(self.deconv_layers[1](self.deconv_layers[0](x)))
     elif self.head == 'bilinear':
       x = jax.image.resize(x, (n, 2 * x.shape[1], 2 * x.shape[2], x.shape[3]), 'bilinear')
-    heatmaps = self.final_layer(x).astype(jnp.float32)
-    if return_attention:
-      return heatmaps, attention
-    return heatmaps
+    out = {'heatmaps': self.final_layer(x).astype(jnp.float32), 'attention': maps}
+    if features:
+      out['features'] = tokens
+    return out
 
 
 @nnx.jit(static_argnums=(2, 3))
-def _compiled_forward(model: TransPose, images, return_attention, attention_per_head):
-  return model._forward(images, return_attention, attention_per_head)
+def _compiled_forward(model: TransPose, images, attention, features):
+  return model.intermediates(images, attention=attention, features=features)
 
 
 @nnx.jit

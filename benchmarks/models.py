@@ -1,0 +1,95 @@
+"""Model zoo figures: parameters, GFLOPs and CPU forward throughput per variant.
+
+    python benchmarks/models.py [--variants tp_r_a3,tp_h_s] [--batches 1,16] [--repeats 5]
+
+- params: trainable parameters, and with the fixed sine table (the paper's count).
+- GFLOPs: XLA's cost analysis of the compiled float32 forward at batch 1. XLA
+  counts a multiply-add as 2 FLOPs; the paper's GFLOPs are multiply-adds, so
+  the table shows XLA's FLOPs / 2 next to the paper's figure.
+- throughput: images/s of the jitted eval-mode forward on this machine's CPU,
+  median of `--repeats` timed calls after one warm-up call.
+Prints a Markdown table (the README's model zoo comes from it) and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+from transpose_jax import convert  # noqa: E402
+
+PAPER = {  # name, #params, GFLOPs, AP val (GT boxes) from the paper / official README
+    'tp_r_a3': ('TransPose-R-A3', '5.2M', 8.0, 73.8),
+    'tp_r_a4': ('TransPose-R-A4', '6.0M', 8.9, 75.1),
+    'tp_h_s': ('TransPose-H-S', '8.0M', 10.2, 76.1),
+    'tp_h_a4': ('TransPose-H-A4', '17.3M', 17.5, 77.5),
+    'tp_h_a6': ('TransPose-H-A6', '17.5M', 21.8, 78.1),
+}
+
+
+def measure(variant: str, batches, repeats: int) -> dict:
+  config = convert.variant_config(variant)
+  model = convert.TransPose(config.model, rngs=nnx.Rngs(0))
+  model.eval()
+  trainable = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  table = model.pos_embedding.get_value().size if config.model.pos_embedding == 'sine' else 0
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def forward(state, images):
+    return nnx.merge(graphdef, state)(images)
+
+  h, w = config.model.image_size
+  one = jnp.zeros((1, h, w, 3), jnp.float32)
+  cost = forward.lower(state, one).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost['flops'])
+  throughput = {}
+  for batch in batches:
+    images = jax.random.normal(jax.random.key(0), (batch, h, w, 3))
+    forward(state, images).block_until_ready()
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      forward(state, images).block_until_ready()
+      times.append(time.perf_counter() - start)
+    throughput[batch] = batch / statistics.median(times)
+  return dict(trainable=trainable, with_table=trainable + table, gflops=flops / 1e9,
+              throughput=throughput)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--variants', default=','.join(PAPER))
+  parser.add_argument('--batches', default='1,16')
+  parser.add_argument('--repeats', type=int, default=5)
+  args = parser.parse_args()
+  batches = [int(b) for b in args.batches.split(',')]
+  print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
+        f'jax {jax.__version__} on {jax.devices()[0].platform}, '
+        f'LD_PRELOAD={os.environ.get("LD_PRELOAD", "") or "none"}')
+  header = ('| model | params (ours, + sine table) | params (paper) | GMACs (XLA FLOPs/2) '
+            '| GFLOPs (paper) | ' + ' | '.join(f'img/s batch {b}' for b in batches) + ' |')
+  print(header)
+  print('|' + '---|' * (5 + len(batches)))
+  for variant in args.variants.split(','):
+    name, paper_params, paper_gflops, _ = PAPER[variant]
+    r = measure(variant, batches, args.repeats)
+    cells = [name, f'{r["trainable"] / 1e6:.2f}M, {r["with_table"] / 1e6:.2f}M', paper_params,
+             f'{r["gflops"] / 2:.1f}', f'{paper_gflops}']
+    cells += [f'{r["throughput"][b]:.1f}' for b in batches]
+    print('| ' + ' | '.join(cells) + ' |', flush=True)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,88 @@
+r"""Evaluates a TransPose checkpoint: COCO keypoint AP or MPII PCKh.
+
+  python eval.py --config=configs/tp_r_a3.py \
+      --checkpoint=tp_r_256x192_enc3_d256_h1024_mh8.pth \
+      --workdir=runs/tp_r_a3_eval --config.data.root=data/coco
+
+--checkpoint is an official `.pth` (converted on the fly), a converter
+output directory or a train.py workdir (its latest checkpoint). Detected
+person boxes instead of GT boxes:
+
+  --config.data.use_gt_bbox=False \
+  --config.data.detection_file=COCO_val2017_detections_AP_H_56_person.json
+
+COCO test-dev (--config.data.val_split=test-dev2017 with a detection file)
+writes WORKDIR/results.json for the evaluation server and no metrics.
+Otherwise WORKDIR holds results.json (COCO results format; MPII: the
+official pred.mat) and metrics.json; the table is printed.
+
+Multi-process runs start like train.py (JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID, or a TPU pod slice).
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from transpose_jax import config_checks
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                              'configs', 'tp_r_a3.py')
+
+# Before absl parses the flags: an unknown --config.key lists the valid keys.
+if __name__ == '__main__':
+  try:
+    config_checks.check_override_flags(sys.argv, default_file=DEFAULT_CONFIG)
+  except config_checks.ConfigError as e:
+    sys.exit(f'error: {e}')
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', DEFAULT_CONFIG, 'Model / data config file (configs/*.py).',
+    lock_config=True)
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', None,
+    'Official .pth, converter output directory or train.py workdir.')
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Output folder for results.json and metrics.json.')
+flags.mark_flags_as_required(['checkpoint', 'workdir'])
+
+
+def _init_distributed() -> None:
+  """Joins the other processes of a multi-process run, when there is one."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if os.environ.get('JAX_COORDINATOR_ADDRESS'):
+    missing = [v for v in ('JAX_NUM_PROCESSES', 'JAX_PROCESS_ID')
+               if not os.environ.get(v)]
+    if missing:
+      sys.exit(f'error: JAX_COORDINATOR_ADDRESS is set but {missing} are not: '
+               'set all three for a multi-process run.')
+    jax.distributed.initialize(
+        coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
+        num_processes=int(os.environ['JAX_NUM_PROCESSES']),
+        process_id=int(os.environ['JAX_PROCESS_ID']))
+  elif ',' in os.environ.get('TPU_WORKER_HOSTNAMES', ''):
+    jax.distributed.initialize()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  _init_distributed()
+  from transpose_jax import evaluate  # pylint: disable=g-import-not-at-top
+  try:
+    metrics = evaluate.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value,
+                                           _WORKDIR.value)
+  except (config_checks.ConfigError, FileNotFoundError, ValueError) as e:
+    sys.exit(f'error: {e}')
+  if metrics:
+    logging.info('metrics: %s', metrics)
+  else:
+    logging.info('no ground truth: predictions written to %s', _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
