@@ -7,6 +7,7 @@ synthetic COCO set, so each training run takes seconds after compilation.
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,9 +35,18 @@ def tiny_data(tmp_path_factory) -> str:
                                 image_size=(96, 96), num_workers=1))
 
 
-@pytest.fixture(scope='session')
+@pytest.fixture(scope='module', autouse=True)
 def compile_cache(tmp_path_factory) -> str:
-  return str(tmp_path_factory.mktemp('jax_cache'))
+  """A persistent XLA cache shared by this module's runs and its train.py
+  subprocesses: every run of one config compiles once."""
+  path = str(tmp_path_factory.mktemp('jax_cache'))
+  previous = (jax.config.jax_compilation_cache_dir,
+              jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  yield path
+  jax.config.update('jax_compilation_cache_dir', previous[0])
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', previous[1])
 
 
 def _config(root, **overrides):
@@ -115,7 +125,10 @@ def test_per_device_batchnorm_equals_sync_on_one_device(tiny_data):
     pytest.skip('needs exactly one device')
   results = []
   for sync in (True, False):
-    state, step, batch = _one_batch_setup(_config(tiny_data, sync_batchnorm=sync))
+    # The overfitting test's config: its step comes from the compile cache.
+    config = _config(tiny_data, lr=1e-3, lr_end=1e-3, sync_batchnorm=sync,
+                     **{'model.dropout': 0.0})
+    state, step, batch = _one_batch_setup(config)
     for _ in range(2):
       state, metrics = step(state, batch, jax.random.key(0))
     results.append((float(metrics['loss']), state['rest']['backbone']['bn1']['var']))
@@ -126,53 +139,70 @@ def test_per_device_batchnorm_equals_sync_on_one_device(tiny_data):
 # --------------------------------------------------------- the whole run
 
 
-def test_train_outputs_eval_and_resume(tiny_data, tmp_path):
-  config = _config(tiny_data, eval_every_steps=6, keep_checkpoints=1)
-  result = train_lib.train(config, tmp_path)
+@pytest.fixture(scope='module')
+def trained(tiny_data, tmp_path_factory):
+  """A finished 6-step run with evaluation at the end: (config, workdir, result)."""
+  workdir = tmp_path_factory.mktemp('trained')
+  config = _config(tiny_data, eval_every_steps=6, keep_checkpoints=2)
+  return config, workdir, train_lib.train(config, workdir)
+
+
+def test_train_outputs(trained):
+  config, workdir, result = trained
   assert result.step == 6 and not result.preempted
-  metrics = _metrics(tmp_path)
+  metrics = _metrics(workdir)
   logged = [m for m in metrics if 'loss' in m]
   assert [m['step'] for m in logged] == [1, 2, 3, 4, 5, 6]
   assert all(set(m) == {'step', 'loss', 'lr'} for m in logged)
   assert logged[0]['lr'] == pytest.approx(1e-3)
+  assert logged[-1]['lr'] < logged[0]['lr']
   evals = [m for m in metrics if 'AP' in m]
   assert len(evals) == 1 and evals[0]['step'] == 6 and 0 <= evals[0]['AP'] <= 1
   assert result.best_ap == pytest.approx(evals[0]['AP'])
-  saved = json.loads((tmp_path / train_lib.CONFIG_FILE).read_text())
+  saved = json.loads((workdir / train_lib.CONFIG_FILE).read_text())
   assert saved['model']['d_model'] == 32 and saved['num_train_steps'] == 6
-  assert list((tmp_path / 'tensorboard').glob('events.out.tfevents.*'))
-  assert _steps(tmp_path) == [6]      # keep 1 (the last, also the best)
-
+  assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
+  assert _steps(workdir) == [3, 6]
   # eval.py's restore path reads a training workdir.
   from transpose_jax import checkpoint
-  restored = checkpoint.restore_model(tmp_path, config)
+  restored = checkpoint.restore_model(workdir, config)
   assert restored.final_layer.kernel.shape[-1] == 17
 
-  # Rerunning the finished command resumes at the end: nothing to do.
-  again = train_lib.train(config, tmp_path)
+
+def test_rerun_of_finished_run_resumes_at_end(trained):
+  config, workdir, _ = trained
+  again = train_lib.train(config, workdir)
   assert again.step == 6 and again.losses == {}
-  # Extending the run continues from step 6 (3 more steps).
-  longer = train_lib.train(_config(tiny_data, num_train_steps=9), tmp_path)
-  assert sorted(longer.losses) == [7, 8, 9]
+  assert len([m for m in _metrics(workdir) if 'loss' in m]) == 6
 
 
-def test_workdir_of_another_variant_is_refused(tiny_data, tmp_path):
-  train_lib.train(_config(tiny_data, num_train_steps=1), tmp_path)
-  other = _config(tiny_data, num_train_steps=2, **{'model.d_model': 64, 'model.n_head': 4})
+def test_workdir_of_another_variant_is_refused(trained):
+  config, workdir, _ = trained
+  other = config.copy_and_resolve_references()
+  other.model.d_model = 64
+  other.model.n_head = 4
   with pytest.raises(train_lib.WorkdirMismatchError,
                      match=r'model.d_model: checkpoint 32 vs config 64[\s\S]*new --workdir'):
-    train_lib.train(other, tmp_path)
+    train_lib.train(other, workdir)
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
-  config = _config(tiny_data, num_train_steps=3)
-  train_lib.train(config, tmp_path)
-  assert _steps(tmp_path) == [3]
-  real_loss = train_lib.losses.joints_mse_loss
-  monkeypatch.setattr(train_lib.losses, 'joints_mse_loss',
-                      lambda *a: real_loss(*a) * jnp.nan)
-  with pytest.raises(train_lib.NonFiniteLossError, match='at step 4.*step 3'):
-    train_lib.train(_config(tiny_data, num_train_steps=6), tmp_path)
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(trained, tmp_path, monkeypatch):
+  config, workdir, _ = trained
+  shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
+  shutil.rmtree(tmp_path / train_lib.CHECKPOINT_DIR / '6')
+  real_make_step = train_lib.make_train_step
+
+  def make_step_with_nan_loss(*args, **kwargs):
+    step = real_make_step(*args, **kwargs)   # the same program: a cache hit
+
+    def poisoned(state, batch, key):
+      state, metrics = step(state, batch, key)
+      return state, dict(metrics, loss=metrics['loss'] * jnp.nan)
+    return poisoned
+  monkeypatch.setattr(train_lib, 'make_train_step', make_step_with_nan_loss)
+  with pytest.raises(train_lib.NonFiniteLossError,
+                     match=r'at step 4\. The last good checkpoint \(step 3\)'):
+    train_lib.train(config, tmp_path)
   assert _steps(tmp_path) == [3]
 
 
@@ -201,7 +231,9 @@ def _env(cache):
   return env
 
 
-def _start_and_wait(cmd, env, workdir, until_step, need_checkpoint):
+def _start_and_wait(cmd, env, workdir, until_step, min_checkpoint=0):
+  """Starts train.py; returns once it logged `until_step` and has saved
+  a checkpoint at or after `min_checkpoint`."""
   proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT)
   deadline = time.time() + 300
@@ -211,8 +243,9 @@ def _start_and_wait(cmd, env, workdir, until_step, need_checkpoint):
       pytest.fail(f'train.py ended (rc {proc.returncode}) before it could be '
                   f'interrupted:\n{out[-3000:]}')
     losses = _losses(workdir)
+    saved = _steps(workdir)
     if losses and max(losses) >= until_step and (
-        not need_checkpoint or _steps(workdir)):
+        not min_checkpoint or (saved and saved[-1] >= min_checkpoint)):
       return proc
     time.sleep(0.02)
   proc.kill()
@@ -224,32 +257,29 @@ def _finish(cmd, env):
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-def test_sigkill_resume_reproduces_losses(tiny_data, tmp_path, compile_cache,
-                                          uninterrupted_losses):
+def test_sigterm_and_sigkill_then_resume_reproduce_losses(
+    tiny_data, tmp_path, compile_cache, uninterrupted_losses):
   cmd, env = _train_cmd(tiny_data, tmp_path), _env(compile_cache)
-  proc = _start_and_wait(cmd, env, tmp_path, until_step=7, need_checkpoint=True)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  saved = _steps(tmp_path)
-  assert saved and max(saved) < RESUME_STEPS
-  _finish(cmd, env)
-  losses = _losses(tmp_path)
-  assert sorted(losses) == list(range(1, RESUME_STEPS + 1))
-  steps = sorted(losses)
-  np.testing.assert_allclose([losses[s] for s in steps],
-                             [uninterrupted_losses[s] for s in steps], rtol=1e-6)
 
-
-def test_sigterm_saves_then_resumes(tiny_data, tmp_path, compile_cache,
-                                    uninterrupted_losses):
-  cmd, env = _train_cmd(tiny_data, tmp_path), _env(compile_cache)
-  proc = _start_and_wait(cmd, env, tmp_path, until_step=2, need_checkpoint=False)
+  # SIGTERM: the run saves at the step it reached and exits with 143.
+  proc = _start_and_wait(cmd, env, tmp_path, until_step=2)
   proc.send_signal(signal.SIGTERM)
   out = proc.communicate(timeout=300)[0].decode(errors='replace')
   assert proc.returncode == train_lib.PREEMPTED_EXIT_CODE, out[-3000:]
   stopped = max(_losses(tmp_path))
   assert 2 <= stopped < RESUME_STEPS
-  assert _steps(tmp_path)[-1] == stopped      # saved at the step it stopped
+  assert _steps(tmp_path)[-1] == stopped
+
+  # SIGKILL after the next periodic checkpoint: only later steps are lost.
+  next_save = (stopped // 5 + 1) * 5
+  proc = _start_and_wait(cmd, env, tmp_path, until_step=next_save + 2,
+                         min_checkpoint=next_save)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  saved = _steps(tmp_path)
+  assert next_save <= max(saved) < RESUME_STEPS
+
+  # Rerunning the command resumes; the losses are those of a run never stopped.
   _finish(cmd, env)
   losses = _losses(tmp_path)
   steps = sorted(losses)

@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
 from configs import default
@@ -200,9 +199,12 @@ def test_config_file_with_unknown_key():
     ('lr', 0.0, 'config.lr='),
     ('log_every_steps', 0, 'log_every_steps'),
     ('init_from', '/nonexistent.pth', 'does not exist'),
+    ('dropout_rng', 'philox', 'dropout_rng'),
+    ('num_train_steps', 3, 'warmup_steps=50 must be smaller'),
 ])
 def test_config_value_domains(key, value, match):
   c = default.get_config()
+  c.warmup_steps = 50
   node = c
   *parents, leaf = key.split('.')
   for p in parents:
@@ -234,3 +236,47 @@ def test_mpii_finetune_config():
   config_checks.check(c)
   assert c.model.num_joints == 16 and 'final_layer' in c.init_reinit
   assert c.lr == 1e-5 and c.lr_overrides.final_layer == 1e-4
+
+
+def test_train_py_unknown_key_lists_valid_keys():
+  import pathlib
+  import subprocess
+  import sys
+  root = pathlib.Path(__file__).resolve().parent.parent
+  done = subprocess.run(
+      [sys.executable, str(root / 'train.py'), f'--config={root / "configs" / "tp_r_a3.py"}',
+       '--config.model.pos_embeding=sine'],
+      cwd=root, capture_output=True, text=True, timeout=120)
+  assert done.returncode != 0
+  assert "Unknown config key 'model.pos_embeding'" in done.stderr
+  assert "Did you mean 'pos_embedding'" in done.stderr
+  assert 'Valid keys of config.model: compute_dtype, d_model' in done.stderr
+
+
+def test_mpii_finetune_initialises_from_a_coco_checkpoint(reference_dir):
+  # The MPII recipe's init path, on the official TP-H-S weights we have: every
+  # tensor comes from the COCO model but the 16-joint final layer and the
+  # 64x64-grid position table, which are new.
+  from configs import mpii_tp_h_a4, tp_h_s
+  from transpose_jax import convert, train_lib
+  config = mpii_tp_h_a4.get_config()
+  coco = tp_h_s.get_config()
+  for key in coco.model:
+    if key not in ('num_joints', 'image_size', 'heatmap_size'):
+      config.model[key] = coco.model[key]
+  config.init_from = str(reference_dir / 'tp_h_s' / 'state_dict.pth')
+  config_checks.check(config)
+  model = train_lib.build_model(config)
+  ours = convert.to_official(model)
+  theirs = convert.read_state_dict(config.init_from)
+  fresh = [k for k in ours if k.startswith(tuple(config.init_reinit))]
+  assert 'final_layer.weight' in fresh
+  assert ours['final_layer.weight'].shape[0] == 16 and theirs['final_layer.weight'].shape[0] == 17
+  for name in ours:
+    if name not in fresh:
+      np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+  # The new final layer learns at 1e-4, everything else at 1e-5.
+  params = train_lib.split_model(model).params
+  labels = optim.param_labels(params, optim.lr_overrides(config))
+  assert set(jax.tree.leaves(labels['final_layer'])) == {'final_layer'}
+  assert set(jax.tree.leaves(labels['backbone'])) == {optim.DEFAULT_GROUP}

@@ -75,10 +75,9 @@ class TransPose(nnx.Module):
     else:
       self.deconv_layers = None
     k = c.final_conv_kernel
-    self.final_layer = nnx.Conv(
-        d, c.num_joints, (k, k), padding=((k // 2, k // 2),) * 2, use_bias=True,
-        kernel_init=layers.host_init('normal', 0.001), dtype=dtype, param_dtype=jnp.float32,
-        rngs=rngs)
+    self.final_layer = layers.conv(d, c.num_joints, k, padding=k // 2, bias=True,
+                                   kernel_init=layers.host_init('normal', 0.001), dtype=dtype,
+                                   rngs=rngs)
 
   def features(self, images: jax.Array) -> jax.Array:
     """The encoder input: the reduced backbone features as tokens [N, L, d]."""

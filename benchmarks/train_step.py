@@ -1,0 +1,107 @@
+"""Training-step throughput per variant: images/s of the jitted update step.
+
+    python benchmarks/train_step.py [--variants tp_r_a3,tp_h_s] [--dtypes float32,bfloat16]
+                                    [--batch 8] [--steps 5]
+
+The step is the one train.py runs (`train_lib.make_train_step`: forward in
+train mode with dropout, JointsMSELoss, gradient, Adam update), on random
+uint8 images and targets at the variant's input size, on every local device
+(this CPU, or the lent GPU). Reported: the median of `--steps` timed steps
+after one warm-up (compilation) step, as images/s, plus the compile time.
+
+Reference: the official PyTorch training step for TransPose-R-A3, batch 8,
+runs at about 3 images/s on the project's 2-core CPU (measured by the
+project's maintainers with the official code; not re-measured here). Preload
+tcmalloc (the Makefile does) for comparable figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from transpose_jax import optim  # noqa: E402
+from transpose_jax import sharding  # noqa: E402
+from transpose_jax import train_lib  # noqa: E402
+
+VARIANTS = ('tp_r_a3', 'tp_r_a3_bilinear', 'tp_r_a4', 'tp_h_s', 'tp_h_a4', 'tp_h_a6')
+# Official PyTorch training step, images/s, batch 8, on the project's 2-core CPU.
+OFFICIAL_CPU = {'tp_r_a3': '~3'}
+
+
+def _config(variant: str, dtype: str, batch: int):
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f'configs.{variant}').get_config()
+  config.model.compute_dtype = dtype
+  config.batch_size = batch
+  return config
+
+
+def measure(variant: str, dtype: str, batch: int, steps: int) -> dict:
+  config = _config(variant, dtype, batch)
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(batch, mesh)
+  model = train_lib.split_model(train_lib.build_model(config, load_init=False))
+  tx, _ = optim.make_optimizer(config, 1000, model.params)
+  host = dict(params=model.params, rest=model.rest, opt_state=tx.init(model.params),
+              step=np.zeros((), np.int32))
+  state, shardings = train_lib.place_state(host, mesh, config.fsdp)
+  step = train_lib.make_train_step(model, tx, mesh, shardings, config.sync_batchnorm)
+  h, w = config.model.image_size
+  hh, hw = config.model.heatmap_size
+  k = config.model.num_joints
+  rng = np.random.default_rng(0)
+  local = {
+      'image': rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8),
+      'target': rng.random((batch, hh, hw, k), dtype=np.float32),
+      'target_weight': np.ones((batch, k), np.float32),
+  }
+  batch_arrays = sharding.global_batch(local, mesh)
+  key = jax.random.key(0)
+  start = time.perf_counter()
+  state, metrics = step(state, batch_arrays, key)
+  float(metrics['loss'])
+  compile_s = time.perf_counter() - start
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = step(state, batch_arrays, key)
+    float(metrics['loss'])
+    times.append(time.perf_counter() - start)
+  median = statistics.median(times)
+  return dict(variant=variant, dtype=dtype, batch=batch, step_s=median,
+              images_per_s=batch / median, compile_s=compile_s)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--variants', default=','.join(VARIANTS))
+  parser.add_argument('--dtypes', default='float32,bfloat16')
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--steps', type=int, default=5)
+  args = parser.parse_args(argv)
+  devices = jax.devices()
+  print(f'# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; '
+        f'devices: {len(devices)} x {devices[0].device_kind}; jax {jax.__version__}; '
+        f'LD_PRELOAD={os.environ.get("LD_PRELOAD", "")!r}', flush=True)
+  print('| variant | dtype | batch | step (s) | images/s | official PyTorch images/s (CPU) | compile (s) |')
+  print('|---|---|---|---|---|---|---|', flush=True)
+  for variant in args.variants.split(','):
+    for dtype in args.dtypes.split(','):
+      r = measure(variant, dtype, args.batch, args.steps)
+      official = OFFICIAL_CPU.get(variant, '-') if devices[0].platform == 'cpu' else '-'
+      print(f"| {variant} | {dtype} | {r['batch']} | {r['step_s']:.3f} | "
+            f"{r['images_per_s']:.2f} | {official} | {r['compile_s']:.0f} |", flush=True)
+
+
+if __name__ == '__main__':
+  main()
