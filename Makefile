@@ -40,6 +40,8 @@ demo: install
 
 bench: install
 	$(RUN) $(PY) benchmarks/models.py
+	$(RUN) $(PY) benchmarks/train_step.py
+	$(RUN) $(PY) benchmarks/input_pipeline.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

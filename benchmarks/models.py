@@ -7,7 +7,9 @@
   counts a multiply-add as 2 FLOPs; the paper's GFLOPs are multiply-adds, so
   the table shows XLA's FLOPs / 2 next to the paper's figure.
 - throughput: images/s of the jitted eval-mode forward on this machine's CPU,
-  median of `--repeats` timed calls after one warm-up call.
+  median of `--repeats` timed calls after one warm-up call; and crops/s of
+  evaluation as eval.py runs it (uint8 crops, flip test: two forwards each),
+  one timed batch of 32 after a warm-up.
 Prints a Markdown table (the README's model zoo comes from it) and the machine.
 """
 
@@ -26,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-from transpose_jax import convert  # noqa: E402
+from transpose_jax import convert, evaluate  # noqa: E402
 
 PAPER = {  # name, #params, GFLOPs, AP val (GT boxes) from the paper / official README
     'tp_r_a3': ('TransPose-R-A3', '5.2M', 8.0, 73.8),
@@ -37,7 +39,7 @@ PAPER = {  # name, #params, GFLOPs, AP val (GT boxes) from the paper / official 
 }
 
 
-def measure(variant: str, batches, repeats: int) -> dict:
+def measure(variant: str, batches, repeats: int, eval_batch: int = 32) -> dict:
   config = convert.variant_config(variant)
   model = convert.TransPose(config.model, rngs=nnx.Rngs(0))
   model.eval()
@@ -64,8 +66,14 @@ def measure(variant: str, batches, repeats: int) -> dict:
       forward(state, images).block_until_ready()
       times.append(time.perf_counter() - start)
     throughput[batch] = batch / statistics.median(times)
+  # Evaluation as eval.py runs it: uint8 crops, on-device normalisation, flip test.
+  crops = np.random.default_rng(0).integers(0, 256, (eval_batch, h, w, 3), dtype=np.uint8)
+  evaluate.predict_heatmaps(model, crops, config, batch_size=eval_batch)
+  start = time.perf_counter()
+  evaluate.predict_heatmaps(model, crops, config, batch_size=eval_batch)
+  eval_rate = eval_batch / (time.perf_counter() - start)
   return dict(trainable=trainable, with_table=trainable + table, gflops=flops / 1e9,
-              throughput=throughput)
+              throughput=throughput, eval_rate=eval_rate)
 
 
 def main() -> None:
@@ -79,15 +87,16 @@ def main() -> None:
         f'jax {jax.__version__} on {jax.devices()[0].platform}, '
         f'LD_PRELOAD={os.environ.get("LD_PRELOAD", "") or "none"}')
   header = ('| model | params (ours, + sine table) | params (paper) | GMACs (XLA FLOPs/2) '
-            '| GFLOPs (paper) | ' + ' | '.join(f'img/s batch {b}' for b in batches) + ' |')
+            '| GFLOPs (paper) | ' + ' | '.join(f'forward img/s, batch {b}' for b in batches) +
+            ' | eval crops/s (flip test) |')
   print(header)
-  print('|' + '---|' * (5 + len(batches)))
+  print('|' + '---|' * (6 + len(batches)))
   for variant in args.variants.split(','):
     name, paper_params, paper_gflops, _ = PAPER[variant]
     r = measure(variant, batches, args.repeats)
     cells = [name, f'{r["trainable"] / 1e6:.2f}M, {r["with_table"] / 1e6:.2f}M', paper_params,
              f'{r["gflops"] / 2:.1f}', f'{paper_gflops}']
-    cells += [f'{r["throughput"][b]:.1f}' for b in batches]
+    cells += [f'{r["throughput"][b]:.1f}' for b in batches] + [f'{r["eval_rate"]:.1f}']
     print('| ' + ' | '.join(cells) + ' |', flush=True)
 
 

@@ -70,6 +70,10 @@ def get_config():
   d.synthetic = False             # True: train.py generates (once, cached) the synthetic
                                   # COCO set (transpose_jax.synthetic, seed config.seed) at
                                   # data.root ('': synthetic.default_cache_dir())
+  d.synthetic_palette = 'limbs'   # 'limbs' (one colour per limb type) | 'sides' (left warm,
+                                  # right cool: only with flip and flip_test off)
+  d.synthetic_max_figures = 4     # persons per synthetic image: 1..max
+  d.synthetic_occluder_prob = 0.35
 
   # ------------------------------------------------------------- training
   config.batch_size = 32          # global, over every device of every host

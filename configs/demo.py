@@ -24,21 +24,32 @@ def get_config():
   m.n_head = 4
   m.encoder_layers = 2
   m.head = 'deconv'
-  m.resnet.layers = (2, 2)
+  m.resnet.layers = (1, 1)
   m.resnet.width = 32
+  m.dropout = 0.0                  # a run of minutes does not overfit; dropout only slows it
 
   d = config.data
   d.synthetic = True
   d.root = ''                      # the synthetic cache folder
   d.num_workers = 2
+  # Left and right limbs in different colours, so the side of a limb is visible
+  # to a model trained for minutes; flipping would contradict the colours.
+  d.synthetic_palette = 'sides'
+  d.synthetic_max_figures = 2
+  d.synthetic_occluder_prob = 0.15
+  d.flip = False
+  d.rot_factor = 10.0
+  d.scale_factor = 0.25
+  d.prob_half_body = 0.0
 
-  config.batch_size = 32
-  config.num_train_steps = 1500
-  config.lr = 1e-3
+  config.batch_size = 16
+  config.num_train_steps = 2400
+  config.lr = 2e-3
   config.lr_end = 1e-5
-  config.warmup_steps = 50
-  config.checkpoint_every_steps = 500
+  config.warmup_steps = 100
+  config.checkpoint_every_steps = 800
   config.log_every_steps = 25
-  config.eval_every_steps = 1500
+  config.eval_every_steps = 2400
   config.eval.batch_size = 64
+  config.eval.flip_test = False
   return config

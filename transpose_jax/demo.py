@@ -24,16 +24,23 @@ from transpose_jax import checkpoint, explain, predict, train_lib
 
 
 def _example(data_root: pathlib.Path):
-  """The first validation image with at least two labelled persons, and its GT boxes."""
+  """A validation image with several persons, its GT boxes, and the box to explain.
+
+  The explained person is the one with the most labelled keypoints (then the
+  largest) among images holding at least two persons, so the picture shows a
+  whole body.
+  """
   annotations = json.loads((data_root / 'annotations' / 'person_keypoints_val2017.json').read_text())
-  boxes = {}
+  persons = {}
   for ann in annotations['annotations']:
     if ann['num_keypoints'] > 0 and not ann.get('iscrowd', 0):
-      boxes.setdefault(ann['image_id'], []).append(ann['bbox'])
+      persons.setdefault(ann['image_id'], []).append(ann)
   images = {image['id']: image['file_name'] for image in annotations['images']}
-  image_id = next(i for i in sorted(boxes) if len(boxes[i]) >= 2)
-  largest = max(boxes[image_id], key=lambda b: b[2] * b[3])
-  return data_root / 'images' / 'val2017' / images[image_id], boxes[image_id], largest
+  rank = lambda ann: (ann['num_keypoints'], ann['bbox'][2] * ann['bbox'][3])
+  best = max((ann for group in persons.values() if len(group) >= 2 for ann in group), key=rank)
+  image_id = best['image_id']
+  boxes = [ann['bbox'] for ann in persons[image_id]]
+  return data_root / 'images' / 'val2017' / images[image_id], boxes, best['bbox']
 
 
 def _final_ap(workdir: pathlib.Path) -> float:
@@ -59,7 +66,8 @@ def main(argv=None) -> int:
                            threshold=None)
   predict.save_skeleton_picture(model, config, image_path, boxes, workdir / 'skeleton.jpg')
   print(f'wrote {workdir / "explanation.png"} and {workdir / "skeleton.jpg"} ({image_path.name})')
-  print(f'demo COCO AP after {result.step} steps (synthetic val2017, GT boxes, flip test): '
+  flip = 'flip test' if config.eval.flip_test else 'no flip test'
+  print(f'demo COCO AP after {result.step} steps (synthetic val2017, GT boxes, {flip}): '
         f'{_final_ap(workdir):.3f}')
   return 0
 

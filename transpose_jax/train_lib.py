@@ -113,12 +113,19 @@ def prepare_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   root = config.data.root or None
   # Process 0 first: the others then find the finished dataset (same host)
   # or write their own copy (another host).
+  options = dict(seed=config.seed, palette=config.data.synthetic_palette,
+                 max_figures=config.data.synthetic_max_figures,
+                 occluder_prob=config.data.synthetic_occluder_prob)
+  if config.data.synthetic_palette == 'sides' and (config.data.flip or config.eval.flip_test):
+    raise config_checks.ConfigError(
+        "config.data.synthetic_palette='sides' colours left and right differently, which "
+        'flipping would contradict: set config.data.flip=False and config.eval.flip_test=False')
   if jax.process_index() == 0:
-    root = synthetic.generate(root, seed=config.seed)
+    root = synthetic.generate(root, **options)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('transpose_jax synthetic data')
   if jax.process_index() != 0:
-    root = synthetic.generate(root, seed=config.seed)
+    root = synthetic.generate(root, **options)
   config = config.copy_and_resolve_references()
   config.data.root = str(root)
   return config
