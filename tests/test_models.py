@@ -135,3 +135,10 @@ def test_bfloat16_compute_keeps_float32_parameters_and_output():
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   out = model(jax.random.normal(jax.random.key(0), (1, 64, 48, 3)))
   assert out.dtype == jnp.float32 and bool(jnp.isfinite(out).all())
+
+
+@pytest.mark.parametrize('name,head', [('transpose_r', 'deconv'), ('transpose_h', 'conv')])
+def test_graphdef_is_hashable_for_jit(name, head):
+  """jax.jit takes the model's GraphDef as a static argument (evaluation, training)."""
+  graphdef, _ = nnx.split(convert.abstract_model(tiny_config(name, head).model))
+  hash(graphdef)

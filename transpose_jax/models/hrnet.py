@@ -77,7 +77,7 @@ class HighResolutionModule(nnx.Module):
       branches.append(branch)
       widths.append(width)
     self.branches = nnx.List(branches)
-    self.out_features = widths
+    self.out_features = tuple(widths)
     fuse_layers = None
     if num_branches > 1:
       fuse = []
