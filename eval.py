@@ -29,6 +29,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from transpose_jax import config_checks
+from transpose_jax import sharding
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                               'configs', 'tp_r_a3.py')
@@ -51,27 +52,10 @@ _WORKDIR = flags.DEFINE_string(
 flags.mark_flags_as_required(['checkpoint', 'workdir'])
 
 
-def _init_distributed() -> None:
-  """Joins the other processes of a multi-process run, when there is one."""
-  import jax  # pylint: disable=g-import-not-at-top
-  if os.environ.get('JAX_COORDINATOR_ADDRESS'):
-    missing = [v for v in ('JAX_NUM_PROCESSES', 'JAX_PROCESS_ID')
-               if not os.environ.get(v)]
-    if missing:
-      sys.exit(f'error: JAX_COORDINATOR_ADDRESS is set but {missing} are not: '
-               'set all three for a multi-process run.')
-    jax.distributed.initialize(
-        coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
-        num_processes=int(os.environ['JAX_NUM_PROCESSES']),
-        process_id=int(os.environ['JAX_PROCESS_ID']))
-  elif ',' in os.environ.get('TPU_WORKER_HOSTNAMES', ''):
-    jax.distributed.initialize()
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  _init_distributed()
+  sharding.init_distributed()
   from transpose_jax import evaluate  # pylint: disable=g-import-not-at-top
   try:
     metrics = evaluate.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value,

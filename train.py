@@ -21,6 +21,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from transpose_jax import config_checks
+from transpose_jax import sharding
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                               'configs', 'demo.py')
@@ -41,23 +42,6 @@ _WORKDIR = flags.DEFINE_string(
     'Run folder: checkpoints, metrics.jsonl, TensorBoard events, config.')
 
 
-def _init_distributed() -> None:
-  """Joins the other processes of a multi-process run, when there is one."""
-  import jax  # pylint: disable=g-import-not-at-top
-  if os.environ.get('JAX_COORDINATOR_ADDRESS'):
-    missing = [v for v in ('JAX_NUM_PROCESSES', 'JAX_PROCESS_ID')
-               if not os.environ.get(v)]
-    if missing:
-      sys.exit(f'error: JAX_COORDINATOR_ADDRESS is set but {missing} are not: '
-               'set all three for a multi-process run.')
-    jax.distributed.initialize(
-        coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
-        num_processes=int(os.environ['JAX_NUM_PROCESSES']),
-        process_id=int(os.environ['JAX_PROCESS_ID']))
-  elif ',' in os.environ.get('TPU_WORKER_HOSTNAMES', ''):
-    jax.distributed.initialize()  # a TPU pod slice: peers found automatically
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -65,7 +49,7 @@ def main(argv):
   # writes several lines per checkpoint) only with an explicit --verbosity.
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  _init_distributed()
+  sharding.init_distributed()
   from transpose_jax import train_lib  # pylint: disable=g-import-not-at-top
   try:
     result = train_lib.train(_CONFIG.value, _WORKDIR.value)

@@ -6,6 +6,8 @@ or, with FSDP, each large array is split on 'data' along its largest
 divisible dimension (XLA inserts the all-gathers and reduce-scatters).
 """
 
+import os
+import sys
 from typing import Any, Mapping
 
 import jax
@@ -99,3 +101,23 @@ def put_replicated(tree: Any, shardings: Any) -> Any:
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
   return jax.tree.map(put, tree, shardings)
+
+
+def init_distributed() -> None:
+  """Joins the other processes of a multi-process run, when there is one.
+
+  JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID select an explicit multi-process run; on a Cloud TPU pod
+  slice `jax.distributed.initialize()` finds its peers itself.
+  """
+  if os.environ.get('JAX_COORDINATOR_ADDRESS'):
+    missing = [v for v in ('JAX_NUM_PROCESSES', 'JAX_PROCESS_ID') if not os.environ.get(v)]
+    if missing:
+      sys.exit(f'error: JAX_COORDINATOR_ADDRESS is set but {missing} are not: '
+               'set all three for a multi-process run.')
+    jax.distributed.initialize(
+        coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
+        num_processes=int(os.environ['JAX_NUM_PROCESSES']),
+        process_id=int(os.environ['JAX_PROCESS_ID']))
+  elif ',' in os.environ.get('TPU_WORKER_HOSTNAMES', ''):
+    jax.distributed.initialize()
