@@ -100,6 +100,15 @@ def affine_transform(point, trans) -> np.ndarray:
   return np.stack([out_x, out_y], axis=-1)
 
 
+def _aspect_fixed_scale(w, h, aspect_ratio: float) -> np.ndarray:
+  """(w, h) grown to `aspect_ratio` (width / height), in units of PIXEL_STD, float32."""
+  if w > aspect_ratio * h:
+    h = w * 1.0 / aspect_ratio
+  elif w < aspect_ratio * h:
+    w = h * aspect_ratio
+  return np.array([w * 1.0 / PIXEL_STD, h * 1.0 / PIXEL_STD], dtype=np.float32)
+
+
 def box_to_center_scale(box, aspect_ratio: float, *,
                         padding: float = BOX_PADDING
                         ) -> tuple[np.ndarray, np.ndarray]:
@@ -112,12 +121,7 @@ def box_to_center_scale(box, aspect_ratio: float, *,
   center = np.zeros(2, dtype=np.float32)
   center[0] = x + (w - 1) * 0.5
   center[1] = y + (h - 1) * 0.5
-  if w > aspect_ratio * h:
-    h = w * 1.0 / aspect_ratio
-  elif w < aspect_ratio * h:
-    w = h * aspect_ratio
-  scale = np.array([w * 1.0 / PIXEL_STD, h * 1.0 / PIXEL_STD],
-                   dtype=np.float32)
+  scale = _aspect_fixed_scale(w, h, aspect_ratio)
   # Official quirk: a box centred exactly at x = -1 is not padded.
   if center[0] != -1:
     scale = scale * padding
@@ -185,10 +189,5 @@ def half_body_center_scale(joints: np.ndarray, joints_vis: np.ndarray,
   right_bottom = selected.max(axis=0)
   w = right_bottom[0] - left_top[0] + 1
   h = right_bottom[1] - left_top[1] + 1
-  if w > aspect_ratio * h:
-    h = w * 1.0 / aspect_ratio
-  elif w < aspect_ratio * h:
-    w = h * aspect_ratio
-  scale = np.array([w * 1.0 / PIXEL_STD, h * 1.0 / PIXEL_STD],
-                   dtype=np.float32)
+  scale = _aspect_fixed_scale(w, h, aspect_ratio)
   return center, scale * HALF_BODY_PADDING

@@ -81,13 +81,19 @@ def _override_keys(argv: Sequence[str], flag: str) -> list[str]:
   return keys
 
 
-def _config_path(argv: Sequence[str], flag: str, default: str) -> str:
+def flag_value(argv: Sequence[str], flag: str) -> str | None:
+  """The value of `--flag=v` or `--flag v` in argv, before absl parses it; None if absent."""
   for i, arg in enumerate(argv[1:], start=1):
     if arg.startswith(f'--{flag}='):
       return arg.split('=', 1)[1]
     if arg == f'--{flag}' and i + 1 < len(argv):
       return argv[i + 1]
-  return default
+  return None
+
+
+def _config_path(argv: Sequence[str], flag: str, default: str) -> str:
+  value = flag_value(argv, flag)
+  return default if value is None else value
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:

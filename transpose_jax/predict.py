@@ -457,13 +457,8 @@ def predict_path(model, config, image_path: str | os.PathLike,
 
 def check_cli_paths(argv: Sequence[str], default_config: str) -> None:
   """Exits naming the file when --config or --checkpoint does not exist."""
-  def value(flag):
-    for i, arg in enumerate(argv[1:], start=1):
-      if arg.startswith(f'--{flag}='):
-        return arg.split('=', 1)[1]
-      if arg == f'--{flag}' and i + 1 < len(argv):
-        return argv[i + 1]
-    return None
+  from transpose_jax import config_checks  # pylint: disable=g-import-not-at-top
+  value = lambda flag: config_checks.flag_value(argv, flag)
   config = (value('config') or default_config).partition(':')[0]
   if not os.path.isfile(config):
     sys.exit(f'error: --config={config}: file not found (pass a config file '
