@@ -399,16 +399,7 @@ def _main(argv) -> None:
 
 
 def main() -> None:
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from transpose_jax import config_checks  # pylint: disable=g-import-not-at-top
-  default = predict._DEFAULT_CONFIG  # pylint: disable=protected-access
-  predict.check_cli_paths(sys.argv, default)
-  try:
-    config_checks.check_override_flags(sys.argv, default_file=default)
-  except config_checks.ConfigError as e:
-    sys.exit(f'error: {e}')
-  _define_flags()
-  app.run(_main)
+  predict.run_cli(_define_flags, _main)
 
 
 if __name__ == '__main__':

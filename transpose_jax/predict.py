@@ -520,7 +520,9 @@ def _define_flags() -> None:
   flags.mark_flags_as_required(['checkpoint', 'image', 'output'])
 
 
-def main() -> None:
+def run_cli(define_flags, main_fn) -> None:
+  """Starts a --config/--checkpoint CLI: missing files and unknown --config.*
+  keys are named before absl parses the flags (shared with explain)."""
   from absl import app  # pylint: disable=g-import-not-at-top
   from transpose_jax import config_checks  # pylint: disable=g-import-not-at-top
   check_cli_paths(sys.argv, _DEFAULT_CONFIG)
@@ -528,8 +530,12 @@ def main() -> None:
     config_checks.check_override_flags(sys.argv, default_file=_DEFAULT_CONFIG)
   except config_checks.ConfigError as e:
     sys.exit(f'error: {e}')
-  _define_flags()
-  app.run(_main)
+  define_flags()
+  app.run(main_fn)
+
+
+def main() -> None:
+  run_cli(_define_flags, _main)
 
 
 if __name__ == '__main__':
