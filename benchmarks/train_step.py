@@ -66,7 +66,7 @@ def measure(variant: str, dtype: str, batch: int, steps: int) -> dict:
       'target_weight': np.ones((batch, k), np.float32),
   }
   batch_arrays = sharding.global_batch(local, mesh)
-  key = jax.random.key(0)
+  key = jax.random.key(0, impl=config.dropout_rng)  # as train.py
   start = time.perf_counter()
   state, metrics = step(state, batch_arrays, key)
   float(metrics['loss'])

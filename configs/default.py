@@ -87,9 +87,8 @@ def get_config():
   config.grad_clip_norm = 0.0     # 0: off
   config.lr_overrides = ml_collections.ConfigDict()  # {param path prefix: peak lr}
   config.sync_batchnorm = True    # BN statistics over the global batch
-  config.dropout_rng = 'rbg'      # PRNG of the dropout masks: 'rbg' (XLA RngBitGenerator;
-                                  # TP-R-A3 CPU step ~40% shorter than threefry) |
-                                  # 'threefry' (same masks on any number of devices)
+  config.dropout_rng = 'threefry2x32'  # PRNG of the dropout key ('threefry2x32' | 'rbg');
+                                       # the masks hash it (models.layers.Dropout)
   config.fsdp = False
   config.init_from = ''           # official TransPose .pth or ImageNet backbone .pth
   config.init_reinit = ()         # parameter path prefixes not taken from init_from

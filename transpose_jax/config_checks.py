@@ -30,7 +30,7 @@ CHOICES = {
     'data.dataset': ('coco', 'mpii'),
     'data.source': ('files', 'tfds'),
     'optimizer': ('adam', 'adamw'),
-    'dropout_rng': ('rbg', 'threefry'),
+    'dropout_rng': ('threefry2x32', 'rbg'),
 }
 HEADS = {'transpose_r': ('deconv', 'bilinear'), 'transpose_h': ('conv',)}
 

@@ -34,9 +34,8 @@ run resumes from are dropped, as they are recomputed), `tensorboard/`
 Determinism: the data order depends on the seed and the iterator state only,
 and the dropout key of step s is `fold_in(key(seed), s)`, so a run resumed from
 a checkpoint computes the same losses as one that was never interrupted. The
-dropout masks use `config.dropout_rng`: with 'rbg' (default) the TP-R-A3 CPU
-training step took ~40% less time than with threefry, but its masks depend on
-how the batch is sharded; 'threefry' gives the same masks on any device count.
+masks are a counter hash of that key and each element's position
+(`models.layers.dropout_keep_mask`): the same on any device count.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ checkpoint maps onto it leaf by leaf (see `transpose_jax.convert`).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,12 +111,89 @@ class PointwiseConv(nnx.Conv):
     return y
 
 
+def _lax_conv(x, kernel, stride: int, padding):
+  return jax.lax.conv_general_dilated(
+      x, kernel, (stride, stride), padding,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def kernel_grad_im2col(x: jax.Array, grad_out: jax.Array, kernel_shape,
+                       stride: int, padding) -> jax.Array:
+  """Weight gradient of a NHWC/HWIO convolution as one matrix product.
+
+  The kh*kw shifted (strided) views of the padded input are concatenated on
+  the channel axis and contracted with the output gradient over batch and
+  space. XLA:CPU's own convolution weight gradient is 2.5-3x slower than this
+  for the 3x3 and 7x7 kernels of ResNet-S and HRNet (measured at batch 8).
+  """
+  kh, kw, cin, cout = kernel_shape
+  _, out_h, out_w, _ = grad_out.shape
+  padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  n = x.shape[0]
+  taps = [jax.lax.slice(padded, (0, dy, dx, 0),
+                        (n, dy + stride * (out_h - 1) + 1,
+                         dx + stride * (out_w - 1) + 1, cin),
+                        (1, stride, stride, 1))
+          for dy in range(kh) for dx in range(kw)]
+  patches = jnp.concatenate(taps, axis=-1).reshape(-1, kh * kw * cin)
+  grad = jax.lax.dot_general(patches, grad_out.reshape(-1, cout),
+                             (((0,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+  return grad.reshape(kh, kw, cin, cout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
+  """NHWC x HWIO convolution whose weight gradient is a matmul on CPU.
+
+  The forward pass and the input gradient are XLA's own; on the CPU backend
+  the kernel gradient is `kernel_grad_im2col` (same sums, other order). On
+  GPU and TPU, whose convolution gradients are fast and where the im2col
+  buffer would cost memory, XLA's gradient is kept.
+  """
+  return _lax_conv(x, kernel, stride, padding)
+
+
+def _conv2d_fwd(x, kernel, stride, padding):
+  return _lax_conv(x, kernel, stride, padding), (x, kernel)
+
+
+def _conv2d_bwd(stride, padding, residuals, grad_out):
+  x, kernel = residuals
+  if jax.default_backend() != 'cpu':
+    _, vjp = jax.vjp(lambda a, b: _lax_conv(a, b, stride, padding), x, kernel)
+    return vjp(grad_out)
+  _, vjp_x = jax.vjp(lambda a: _lax_conv(a, kernel, stride, padding), x)
+  grad_x, = vjp_x(grad_out)
+  grad_kernel = kernel_grad_im2col(x, grad_out, kernel.shape, stride, padding)
+  return grad_x, grad_kernel.astype(kernel.dtype)
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+class SpatialConv(nnx.Conv):
+  """A kxk convolution (k > 1, symmetric padding, no dilation) through `conv2d`.
+
+  Same parameters as `nnx.Conv`.
+  """
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = self.dtype or x.dtype
+    padding = tuple(tuple(int(p) for p in pair) for pair in self.padding)
+    y = conv2d(x.astype(dtype), self.kernel[...].astype(dtype),
+               int(self.strides[0]), padding)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(dtype)
+    return y
+
+
 def conv(in_features: int, out_features: int, kernel: int, *, stride: int = 1,
          padding: int | None = None, bias: bool = False, dtype=jnp.float32,
          kernel_init=None, rngs: nnx.Rngs) -> nnx.Conv:
   """`nn.Conv2d`-shaped convolution (symmetric zero padding, HWIO kernel)."""
   pad = kernel // 2 if padding is None else padding
-  cls = PointwiseConv if kernel == 1 and pad == 0 else nnx.Conv
+  cls = PointwiseConv if kernel == 1 and pad == 0 else SpatialConv
   return cls(
       in_features, out_features, (kernel, kernel), strides=(stride, stride),
       padding=((pad, pad), (pad, pad)), use_bias=bias, dtype=dtype,
@@ -122,23 +201,125 @@ def conv(in_features: int, out_features: int, kernel: int, *, stride: int = 1,
       bias_init=nnx.initializers.zeros_init(), rngs=rngs)
 
 
-def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-  """`nn.MaxPool2d(3, 2, padding=1)`: padding never wins the max.
+def _mix32(h: jax.Array) -> jax.Array:
+  """Chris Wellons' "lowbias32" integer hash: a bijection of uint32, full avalanche."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x7FEB352D)
+  h = h ^ (h >> 15)
+  h = h * jnp.uint32(0x846CA68B)
+  return h ^ (h >> 16)
 
-  The maximum of nine strided slices: its gradient is elementwise selects,
-  where reduce_window's select-and-scatter gradient is 3x slower on XLA:CPU.
+
+def dropout_keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
+  """Boolean keep mask, True with probability 1 - rate (to 2**-32), from `key`.
+
+  Each element's bits are a counter-based hash of its position (leading axis
+  and offset within it) and two seed words drawn from `key`, so the mask is
+  the same however the array is sharded, and costs a handful of integer ops
+  per element: on the CPU about 25x less than `jax.random.bernoulli` (threefry
+  or rbg) for the [batch, heads, HW, HW] attention dropout of TP-R, which
+  otherwise took ~10% of the training step.
   """
+  inner = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+  if inner >= 2 ** 32:
+    raise ValueError(f'dropout on {shape}: more than 2**32 elements per leading index')
+  seeds = jax.random.bits(key, (2,), jnp.uint32)
+  lead = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
+  offset = jax.lax.iota(jnp.uint32, inner).reshape((1,) + tuple(shape[1:]))
+  bits = _mix32(_mix32(offset ^ seeds[0]) ^ (lead * jnp.uint32(0x9E3779B9) + seeds[1]))
+  threshold = min(int(round(rate * 2.0 ** 32)), 2 ** 32 - 1)
+  return bits >= jnp.uint32(threshold)
+
+
+class Dropout(nnx.Dropout):
+  """`nnx.Dropout` (same attributes, train/eval switching and reseeding) with
+  its mask from `dropout_keep_mask`; `broadcast_dims` is not supported."""
+
+  def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
+               rngs=None) -> jax.Array:
+    deterministic = self.deterministic if deterministic is None else deterministic
+    if self.rate == 0.0 or deterministic:
+      return inputs
+    if self.rate == 1.0:
+      return jnp.zeros_like(inputs)
+    if self.broadcast_dims:
+      raise ValueError('Dropout: broadcast_dims is not supported')
+    stream = self.rngs if rngs is None else rngs
+    if stream is None:
+      raise ValueError('Dropout in training mode needs rngs (nnx.Rngs(dropout=...))')
+    key = stream() if callable(stream) else stream
+    keep_prob = 1.0 - self.rate
+    mask = dropout_keep_mask(key, inputs.shape, self.rate)
+    return jax.lax.select(mask, inputs / jnp.asarray(keep_prob, inputs.dtype),
+                          jnp.zeros_like(inputs))
+
+
+def _pool_taps(x: jax.Array) -> list[jax.Array]:
+  """The nine strided views of a 3x3/2 window over x padded by 1 with -inf,
+  in PyTorch's scan order (row-major within the window)."""
   n, h, w, c = x.shape
   out_h, out_w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  return [jax.lax.slice(padded, (0, dy, dx, 0),
+                        (n, dy + 2 * (out_h - 1) + 1, dx + 2 * (out_w - 1) + 1, c),
+                        (1, 2, 2, 1))
+          for dy in range(3) for dx in range(3)]
+
+
+def _interleave_taps(t0, t1, t2, axis: int) -> jax.Array:
+  """Adds three per-tap arrays (offsets 0, 1, 2 at stride 2) on one axis.
+
+  Output index 2m gets t0[m] + t2[m-1], index 2m+1 gets t1[m]; the result
+  has 2 * (len + 1) entries on `axis`.
+  """
+  def pad(t, before, after):
+    widths = [(0, 0)] * t.ndim
+    widths[axis] = (before, after)
+    return jnp.pad(t, widths)
+  even = pad(t0, 0, 1) + pad(t2, 1, 0)
+  odd = pad(t1, 0, 1)
+  both = jnp.stack([even, odd], axis=axis + 1)
+  shape = list(even.shape)
+  shape[axis] *= 2
+  return both.reshape(shape)
+
+
+@jax.custom_vjp
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+  """`nn.MaxPool2d(3, 2, padding=1)`: padding never wins the max.
+
+  The maximum of nine strided slices. Its gradient goes, as PyTorch's does,
+  to the first maximum of each window in scan order (autodiff of the max
+  chain would split ties and, on XLA:CPU, took 100 ms at TP-R batch 8: it
+  re-evaluates the chain for every tap).
+  """
   result = None
-  for dy in range(3):
-    for dx in range(3):
-      window = jax.lax.slice(padded, (0, dy, dx, 0),
-                             (n, dy + 2 * (out_h - 1) + 1, dx + 2 * (out_w - 1) + 1, c),
-                             (1, 2, 2, 1))
-      result = window if result is None else jnp.maximum(result, window)
+  for window in _pool_taps(x):
+    result = window if result is None else jnp.maximum(result, window)
   return result
+
+
+def _max_pool_fwd(x):
+  out = max_pool_3x3_s2(x)
+  return out, (x, out)
+
+
+def _max_pool_bwd(residuals, grad_out):
+  x, out = residuals
+  taken = jnp.zeros(out.shape, bool)
+  tap_grads = []
+  for window in _pool_taps(x):
+    wins = (window == out) & ~taken
+    taken = taken | wins
+    tap_grads.append(jnp.where(wins, grad_out, jnp.zeros_like(grad_out)))
+  rows = [_interleave_taps(tap_grads[dx], tap_grads[3 + dx], tap_grads[6 + dx], axis=1)
+          for dx in range(3)]
+  grid = _interleave_taps(*rows, axis=2)     # padded-input coordinates
+  _, h, w, _ = x.shape
+  return (grid[:, 1:h + 1, 1:w + 1],)
+
+
+max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def upsample_nearest(x: jax.Array, factor: int) -> jax.Array:
@@ -178,10 +359,7 @@ class Deconv4x4(nnx.Module):
       cols = []
       for b in range(2):
         k = kernel[jnp.array(_DECONV_TAPS[a])][:, jnp.array(_DECONV_TAPS[b])]
-        cols.append(jax.lax.conv_general_dilated(
-            x, k, window_strides=(1, 1),
-            padding=(_DECONV_PADS[a], _DECONV_PADS[b]),
-            dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+        cols.append(conv2d(x, k, 1, (_DECONV_PADS[a], _DECONV_PADS[b])))
       rows.append(jnp.stack(cols, axis=3))          # [N, H, W, 2(b), C]
     y = jnp.stack(rows, axis=2)                      # [N, H, 2(a), W, 2(b), C]
     n, h, _, w, _, c = y.shape

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from transpose_jax.models.layers import host_init
+from transpose_jax.models.layers import Dropout, host_init
 
 
 class PositionTable(nnx.Variable):
@@ -68,7 +68,7 @@ class MultiheadAttention(nnx.Module):
     self.in_proj_bias = nnx.Param(jnp.zeros((3 * d_model,), jnp.float32))
     self.out_proj = nnx.Linear(d_model, d_model, kernel_init=xavier, dtype=dtype,
                                param_dtype=jnp.float32, rngs=rngs)
-    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.dropout = Dropout(dropout, rngs=rngs)
     self.n_head = n_head
     self.d_model = d_model
     self.dtype = dtype
@@ -103,9 +103,9 @@ class EncoderLayer(nnx.Module):
     self.linear2 = linear(dim_feedforward, d_model)
     self.norm1 = nnx.LayerNorm(d_model, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.norm2 = nnx.LayerNorm(d_model, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-    self.dropout = nnx.Dropout(dropout, rngs=rngs)
-    self.dropout1 = nnx.Dropout(dropout, rngs=rngs)
-    self.dropout2 = nnx.Dropout(dropout, rngs=rngs)
+    self.dropout = Dropout(dropout, rngs=rngs)
+    self.dropout1 = Dropout(dropout, rngs=rngs)
+    self.dropout2 = Dropout(dropout, rngs=rngs)
 
   def __call__(self, x: jax.Array, pos: jax.Array | None):
     qk = x if pos is None else x + pos.astype(x.dtype)
