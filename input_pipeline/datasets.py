@@ -166,7 +166,8 @@ def load_coco(root: str | None, split: str, *, is_train: bool,
   Args:
     root: dataset root (COCO layout); may be None when both annotation_file
       and image_dir are given.
-    split: e.g. 'train2017' or 'val2017'.
+    split: e.g. 'train2017', 'val2017' or 'test-dev2017' (official names:
+      ROOT/annotations/image_info_test-dev2017.json, ROOT/images/test2017/).
     is_train: training split (always GT boxes of persons with keypoints).
     use_gt_bbox: evaluation on GT boxes; False reads `detection_file`.
     detection_file: person detections json (list of {image_id, category_id,
@@ -181,15 +182,22 @@ def load_coco(root: str | None, split: str, *, is_train: bool,
   Returns:
     The KeypointSplit.
   """
+  # As the official COCODataset: test splits (test-dev2017, test2017) have
+  # image-info files and share the images/test2017 folder; no GT boxes.
+  is_test = 'test' in split
+  if is_test and (is_train or use_gt_bbox):
+    raise ValueError(
+        f'COCO split {split!r} has no ground-truth persons: evaluate it with '
+        'data.use_gt_bbox=False and data.detection_file=<person detections json>')
   if annotation_file is None:
     if root is None:
       raise ValueError('load_coco needs root or annotation_file=')
-    annotation_file = os.path.join(root, 'annotations',
-                                   f'person_keypoints_{split}.json')
+    prefix = 'image_info' if is_test else 'person_keypoints'
+    annotation_file = os.path.join(root, 'annotations', f'{prefix}_{split}.json')
   if image_dir is None:
     if root is None:
       raise ValueError('load_coco needs root or image_dir=')
-    image_dir = os.path.join(root, 'images', split)
+    image_dir = os.path.join(root, 'images', 'test2017' if is_test else split)
   _require_file(annotation_file, 'COCO annotation file')
   _require_dir(image_dir, 'COCO image folder')
   with open(annotation_file) as f:

@@ -113,6 +113,28 @@ def test_missing_files_name_the_path(tmp_path, coco_dir):
     datasets.load_mpii(str(tmp_path), 'train', is_train=True)
 
 
+def test_coco_test_dev_uses_the_official_names(tmp_path, coco_dir):
+  with open(coco_dir / 'test_coco.json') as f:
+    data = json.load(f)
+  info = {k: v for k, v in data.items() if k != 'annotations'}  # image info only
+  (tmp_path / 'annotations').mkdir()
+  (tmp_path / 'annotations' / 'image_info_test-dev2017.json').write_text(json.dumps(info))
+  (tmp_path / 'images').mkdir()
+  (tmp_path / 'images' / 'test2017').symlink_to(coco_dir)
+  detections = [{'image_id': im['id'], 'category_id': 1, 'score': 0.9,
+                 'bbox': [10.0, 20.0, 50.0, 100.0]} for im in info['images']]
+  det_file = tmp_path / 'dets.json'
+  det_file.write_text(json.dumps(detections))
+  split = datasets.load_coco(str(tmp_path), 'test-dev2017', is_train=False,
+                             use_gt_bbox=False, detection_file=str(det_file))
+  assert split.annotation_file.endswith('annotations/image_info_test-dev2017.json')
+  assert len(split.records) == len(info['images'])
+  assert all(os.path.dirname(r['image_path']) == str(tmp_path / 'images' / 'test2017')
+             for r in split.records)
+  with pytest.raises(ValueError, match='use_gt_bbox=False'):
+    datasets.load_coco(str(tmp_path), 'test-dev2017', is_train=False)
+
+
 def test_empty_split_is_an_error(tmp_path, coco_dir):
   with open(coco_dir / 'test_coco.json') as f:
     data = json.load(f)
