@@ -9,10 +9,14 @@ SHARED ?= $(abspath ../shared)
 TCMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4))
 RUN := env $(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC)) TRANSPOSE_SHARED=$(SHARED) PYTHONUNBUFFERED=1
 PYTEST_ARGS ?=
+JPEG_ROI := input_pipeline/_jpeg_roi.so
+# A checkout of yangsenius/TransPose: `make bench OFFICIAL=DIR` times the
+# official training step and data pipeline beside ours (needs yacs).
+OFFICIAL ?=
 
 .PHONY: install test test-slow test-all demo bench clean
 
-install: $(STAMP)
+install: $(STAMP) $(JPEG_ROI)
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@if [ -z "$(TCMALLOC)" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -24,6 +28,12 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
+
+# JPEG region decoding for the training pipeline (input_pipeline/jpeg_roi.py);
+# without gcc + libjpeg headers the pipeline decodes whole images (same crops).
+$(JPEG_ROI): input_pipeline/_jpeg_roi.c
+	@$${CC:-gcc} -O2 -shared -fPIC $< -o $@ -ljpeg 2>/dev/null || \
+	  echo "note: $@ not built (needs gcc and libjpeg-turbo headers: apt-get install libjpeg62-turbo-dev); training decodes whole JPEGs (same crops, slower)"
 
 # The default suite (< 20 minutes on 2 cores); slow tests have their own target.
 test: install
@@ -40,8 +50,8 @@ demo: install
 
 bench: install
 	$(RUN) $(PY) benchmarks/models.py
-	$(RUN) $(PY) benchmarks/train_step.py
-	$(RUN) $(PY) benchmarks/input_pipeline.py
+	$(RUN) $(PY) benchmarks/train_step.py $(if $(OFFICIAL),--official $(OFFICIAL))
+	$(RUN) $(PY) benchmarks/input_pipeline.py $(if $(OFFICIAL),--official $(OFFICIAL))
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,7 +1,7 @@
 """Training-step throughput per variant: images/s of the jitted update step.
 
     python benchmarks/train_step.py [--variants tp_r_a3,tp_h_s] [--dtypes float32,bfloat16]
-                                    [--batch 8] [--steps 5]
+                                    [--batch 8] [--steps 5] [--official DIR]
 
 The step is the one train.py runs (`train_lib.make_train_step`: forward in
 train mode with dropout, JointsMSELoss, gradient, Adam update), on random
@@ -9,22 +9,24 @@ uint8 images and targets at the variant's input size, on every local device
 (this CPU, or the lent GPU). Reported: the median of `--steps` timed steps
 after one warm-up (compilation) step, as images/s, plus the compile time.
 
-Reference: the official PyTorch training step for TransPose-R-A3, batch 8,
-runs at about 3 images/s on the project's 2-core CPU (measured by the
-project's maintainers with the official code; not re-measured here). Preload
-tcmalloc (the Makefile does) for comparable figures.
+With `--official DIR` (a checkout of yangsenius/TransPose; needs torch and
+yacs) the official PyTorch step of each variant is timed the same way in a
+subprocess (`benchmarks/official_train_step.py`) and printed alongside, with
+the ratio. Preload tcmalloc for both (the Makefile does).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -34,8 +36,19 @@ from transpose_jax import sharding  # noqa: E402
 from transpose_jax import train_lib  # noqa: E402
 
 VARIANTS = ('tp_r_a3', 'tp_r_a3_bilinear', 'tp_r_a4', 'tp_h_s', 'tp_h_a4', 'tp_h_a6')
-# Official PyTorch training step, images/s, batch 8, on the project's 2-core CPU.
-OFFICIAL_CPU = {'tp_r_a3': '~3'}
+
+
+def official_rate(official_dir: str, variant: str, batch: int, steps: int) -> float | None:
+  """images/s of the official PyTorch step, or None for a variant it lacks."""
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'official_train_step.py')
+  from benchmarks import official_train_step  # pylint: disable=g-import-not-at-top
+  if variant not in official_train_step.EXPERIMENTS:
+    return None
+  out = subprocess.run(
+      [sys.executable, script, '--official', official_dir, '--variants', variant,
+       '--batch', str(batch), '--steps', str(steps)],
+      check=True, capture_output=True, text=True).stdout
+  return json.loads(out.strip().splitlines()[-1])['images_per_s']
 
 
 def _config(variant: str, dtype: str, batch: int):
@@ -88,19 +101,25 @@ def main(argv=None) -> None:
   parser.add_argument('--dtypes', default='float32,bfloat16')
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--steps', type=int, default=5)
+  parser.add_argument('--official', default='',
+                      help='checkout of yangsenius/TransPose: time its step too')
   args = parser.parse_args(argv)
   devices = jax.devices()
   print(f'# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; '
         f'devices: {len(devices)} x {devices[0].device_kind}; jax {jax.__version__}; '
         f'LD_PRELOAD={os.environ.get("LD_PRELOAD", "")!r}', flush=True)
-  print('| variant | dtype | batch | step (s) | images/s | official PyTorch images/s (CPU) | compile (s) |')
-  print('|---|---|---|---|---|---|---|', flush=True)
+  print('| variant | dtype | batch | step (s) | images/s | official PyTorch images/s | ratio | compile (s) |')
+  print('|---|---|---|---|---|---|---|---|', flush=True)
   for variant in args.variants.split(','):
+    official = None
+    if args.official and devices[0].platform == 'cpu':
+      official = official_rate(args.official, variant, args.batch, args.steps)
     for dtype in args.dtypes.split(','):
       r = measure(variant, dtype, args.batch, args.steps)
-      official = OFFICIAL_CPU.get(variant, '-') if devices[0].platform == 'cpu' else '-'
+      ref = '-' if official is None else f'{official:.2f}'
+      ratio = '-' if official is None else f"{r['images_per_s'] / official:.2f}x"
       print(f"| {variant} | {dtype} | {r['batch']} | {r['step_s']:.3f} | "
-            f"{r['images_per_s']:.2f} | {official} | {r['compile_s']:.0f} |", flush=True)
+            f"{r['images_per_s']:.2f} | {ref} | {ratio} | {r['compile_s']:.0f} |", flush=True)
 
 
 if __name__ == '__main__':

@@ -3,8 +3,10 @@
 Training (`make_train_loader`)::
 
   indices 0..N-1 -> seeded shuffle, reshuffled every epoch, repeated forever
-  -> random_map: decode -> official augmentation -> cv2.warpAffine crop
-     (+ joints in heatmap pixels)              [per element, in the workers]
+  -> random_map: JPEG header -> official augmentation -> decode of only the
+     region the crop reads (jpeg_roi; whole-image cv2 decode for other
+     formats) -> cv2.warpAffine crop (+ joints in heatmap pixels)
+                                               [per element, in the workers]
   -> this process's shard [process_index::process_count]
   -> worker processes (mp_prefetch) -> batch -> Gaussian targets (vectorised)
 
@@ -53,7 +55,9 @@ process_count * batch_size * num_batches; process p takes the contiguous block
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import logging
 import math
 from typing import Any, Iterator
@@ -64,6 +68,7 @@ import grain
 import numpy as np
 
 from input_pipeline import datasets
+from input_pipeline import jpeg_roi
 from input_pipeline import targets as targets_lib
 from input_pipeline import transforms
 
@@ -112,16 +117,21 @@ def _looks_truncated(data: bytes) -> bool:
   return False
 
 
+def _check_encoded(data: bytes, name: str) -> None:
+  """Raises BadImageError for empty or truncated encoded data."""
+  if not data:
+    raise BadImageError(f'image {name!r} is empty')
+  if _looks_truncated(data):
+    raise BadImageError(f'image {name!r} is truncated (no end marker)')
+
+
 def decode_image(data: bytes, name: str) -> np.ndarray:
   """Encoded bytes -> RGB uint8 [H, W, 3], as cv2.imread + BGR2RGB would.
 
   Raises:
     BadImageError: empty, undecodable or truncated data.
   """
-  if not data:
-    raise BadImageError(f'image {name!r} is empty')
-  if _looks_truncated(data):
-    raise BadImageError(f'image {name!r} is truncated (no end marker)')
+  _check_encoded(data, name)
   image = cv2.imdecode(np.frombuffer(data, np.uint8),
                        cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
   if image is None:
@@ -129,14 +139,66 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
   return image
 
 
-def read_image(path: str) -> np.ndarray:
-  """Reads and decodes an image file to RGB uint8 (see decode_image)."""
+def read_image_data(path: str) -> bytes:
+  """The encoded bytes of an image file (BadImageError if unreadable)."""
   try:
     with open(path, 'rb') as f:
-      data = f.read()
+      return f.read()
   except OSError as e:
     raise BadImageError(f'image {path!r} cannot be read: {e}') from e
-  return decode_image(data, path)
+
+
+def read_image(path: str) -> np.ndarray:
+  """Reads and decodes an image file to RGB uint8 (see decode_image)."""
+  return decode_image(read_image_data(path), path)
+
+
+class EncodedJpeg:
+  """A checked JPEG whose decoding waits until the crop is known.
+
+  Only the part the crop reads is decoded (see `jpeg_roi`); `width` and
+  `height` come from the JPEG header.
+  """
+  __slots__ = ('data', 'name', 'width', 'height')
+
+  def __init__(self, data: bytes, name: str, width: int, height: int):
+    self.data, self.name, self.width, self.height = data, name, width, height
+
+
+def load_source(table, i: int) -> np.ndarray | EncodedJpeg:
+  """Image i of a record table: an EncodedJpeg when region decoding applies
+  (the table has `image_data` and the JPEG is one jpeg_roi handles), else the
+  decoded RGB image.
+
+  Raises:
+    BadImageError: unreadable, empty, truncated or undecodable image.
+  """
+  image_data = getattr(table, 'image_data', None)
+  if image_data is None or not jpeg_roi.available():
+    return table.image(i)
+  data, name = image_data(i)
+  if not isinstance(data, bytes):
+    data = bytes(data)
+  _check_encoded(data, name)
+  size = jpeg_roi.header(data)
+  if size is None:  # not a JPEG, or one the fast path leaves to cv2
+    return decode_image(data, name)
+  return EncodedJpeg(data, name, *size)
+
+
+def _rng_state(rng):
+  bit_generator = getattr(rng, 'bit_generator', None)
+  if bit_generator is not None:
+    return bit_generator.state
+  return copy.deepcopy(vars(rng))  # test doubles
+
+
+def _set_rng_state(rng, state) -> None:
+  bit_generator = getattr(rng, 'bit_generator', None)
+  if bit_generator is not None:
+    bit_generator.state = state
+  else:
+    vars(rng).update(copy.deepcopy(state))
 
 
 def _bad_sample(error: Exception, fail: bool) -> None:
@@ -180,6 +242,11 @@ class RecordTable:
 
   def image(self, i: int) -> np.ndarray:
     return read_image(self.image_paths[i])
+
+  def image_data(self, i: int) -> tuple[bytes, str]:
+    """(encoded bytes, name for messages) of image i."""
+    path = self.image_paths[i]
+    return read_image_data(path), path
 
 
 def _make_table(split: datasets.KeypointSplit):
@@ -280,14 +347,90 @@ def warp(image: np.ndarray, center, scale, rot, spec: CropSpec) -> np.ndarray:
   return cv2.warpAffine(image, trans, spec.image_wh, flags=cv2.INTER_LINEAR)
 
 
-def heatmap_joints(joints: np.ndarray, joints_vis: np.ndarray, center, scale,
-                   rot, spec: CropSpec) -> np.ndarray:
-  """Visible joints mapped into heatmap pixels ([K, 2] float64)."""
-  trans = transforms.get_affine_transform(center, scale, rot, spec.heatmap_wh)
+@functools.lru_cache(maxsize=None)
+def _four_channel_warp_is_exact() -> bool:
+  """Whether cv2.warpAffine of an RGBX image gives exactly the RGB result.
+
+  OpenCV warps 4-channel 8-bit images 2-3x faster than 3-channel ones, and
+  the region decoder can write RGBX at no cost. Used only when, in this
+  process's OpenCV build and CPU, the two agree on random images and
+  geometries (checked once; about 10 ms).
+  """
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (131, 97, 4), np.uint8)
+  rgb = np.ascontiguousarray(image[..., :3])
+  for k in range(40):
+    size = ((192, 256), (17, 23), (48, 64), (31, 9))[k % 4]
+    center = rng.uniform(-0.3, 1.3, 2) * (97, 131)
+    scale = np.full(2, rng.uniform(0.05, 1.5))
+    rot = float(rng.uniform(-90, 90)) if k % 3 else 0
+    trans = transforms.get_affine_transform(center.astype(np.float32), scale,
+                                            rot, size)
+    want = cv2.warpAffine(rgb, trans, size, flags=cv2.INTER_LINEAR)
+    got = cv2.warpAffine(image, trans, size, flags=cv2.INTER_LINEAR)
+    if not np.array_equal(cv2.cvtColor(got, cv2.COLOR_RGBA2RGB), want):
+      logger.info('cv2.warpAffine differs on 4 channels: using 3')
+      return False
+  return True
+
+
+def _decode_for_warp(source: EncodedJpeg, trans: np.ndarray, flipped: bool,
+                     spec: CropSpec) -> np.ndarray:
+  """The (flipped) image as warpAffine(., trans) reads it: exact inside the
+  box the warp reads, arbitrary elsewhere; RGB, or RGBX when
+  _four_channel_warp_is_exact()."""
+  w, h = source.width, source.height
+  x0, y0, x1, y1 = jpeg_roi.warp_box(trans, spec.image_wh, w, h)
+  if flipped:  # the box in the unflipped image
+    x0, x1 = w - x1, w - x0
+  channels = 4 if _four_channel_warp_is_exact() else 3
+  image = jpeg_roi.decode_region(source.data, w, h, (x0, y0, x1, y1),
+                                 channels)
+  if image is None:  # a stream the fast path does not handle: decode it all
+    image = decode_image(source.data, source.name)
+    return cv2.flip(image, 1) if flipped else image
+  if flipped and x0 < x1 and y0 < y1:
+    # Mirror the decoded box into place; the rest is never read.
+    image[y0:y1, w - x1:w - x0] = cv2.flip(image[y0:y1, x0:x1], 1)
+  return image
+
+
+def _warp_source(source: np.ndarray | EncodedJpeg, trans: np.ndarray,
+                 flipped: bool, spec: CropSpec) -> np.ndarray:
+  if isinstance(source, EncodedJpeg):
+    image = _decode_for_warp(source, trans, flipped, spec)
+  else:
+    image = cv2.flip(source, 1) if flipped else source
+  out = cv2.warpAffine(image, trans, spec.image_wh, flags=cv2.INTER_LINEAR)
+  if isinstance(source, EncodedJpeg) and out.shape[2] == 4:  # RGBX decode
+    out = cv2.cvtColor(out, cv2.COLOR_RGBA2RGB)
+  return out
+
+
+def crop(source: np.ndarray | EncodedJpeg, center, scale, rot, flipped: bool,
+         spec: CropSpec) -> np.ndarray:
+  """The official crop: optional horizontal flip of the image, then
+  cv2.warpAffine (bilinear, black border) of the (center, scale, rot) box.
+
+  Bit-identical for a decoded image and for an EncodedJpeg of it.
+  """
+  trans = transforms.get_affine_transform(center, scale, rot, spec.image_wh)
+  return _warp_source(source, trans, flipped, spec)
+
+
+def _to_heatmap(joints: np.ndarray, joints_vis: np.ndarray,
+                trans: np.ndarray) -> np.ndarray:
   out = np.array(joints[:, :2], dtype=np.float64, copy=True)
   visible = joints_vis[:, 0] > 0
   out[visible] = transforms.affine_transform(out[visible], trans)
   return out
+
+
+def heatmap_joints(joints: np.ndarray, joints_vis: np.ndarray, center, scale,
+                   rot, spec: CropSpec) -> np.ndarray:
+  """Visible joints mapped into heatmap pixels ([K, 2] float64)."""
+  trans = transforms.get_affine_transform(center, scale, rot, spec.heatmap_wh)
+  return _to_heatmap(joints, joints_vis, trans)
 
 
 class TrainSample:
@@ -298,29 +441,38 @@ class TrainSample:
     self.spec = spec
     self.fail = fail_on_bad_sample
 
-  def _load(self, index: int):
+  def _sample(self, i: int, rng) -> dict[str, np.ndarray]:
+    record = self.table.record(i)
+    source = load_source(self.table, i)
+    width = (source.width if isinstance(source, EncodedJpeg)
+             else source.shape[1])
+    center, scale, rot, flipped, joints, joints_vis = augment(
+        record, width, self.spec, rng)
+    # = get_affine_transform(center, scale, rot, size) for both sizes.
+    src = transforms.affine_source_points(center, scale, rot)
+    # An EncodedJpeg is decoded here: this may still find it unreadable.
+    image = _warp_source(
+        source, transforms.affine_from_points(src, self.spec.image_wh),
+        flipped, self.spec)
+    heatmap = transforms.affine_from_points(src, self.spec.heatmap_wh)
+    return dict(image=image,
+                joints=_to_heatmap(joints, joints_vis, heatmap),
+                joints_vis=np.asarray(joints_vis[:, 0], np.float32))
+
+  def __call__(self, index, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    index = int(index)
     n = len(self.table)
+    state = _rng_state(rng)
     for k in range(_MAX_REPLACEMENTS + 1):
-      i = (index + k) % n
       try:
-        return self.table.record(i), self.table.image(i)
+        return self._sample((index + k) % n, rng)
       except BadImageError as e:
         _bad_sample(e, self.fail)
+        # The replacement gets the same random draws.
+        _set_rng_state(rng, state)
     raise datasets.BadSampleError(
         f'records {index}..{index + _MAX_REPLACEMENTS} (mod {n}) are all '
         'unreadable: check the image folder')
-
-  def __call__(self, index, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    record, image = self._load(int(index))
-    center, scale, rot, flipped, joints, joints_vis = augment(
-        record, image.shape[1], self.spec, rng)
-    if flipped:
-      image = cv2.flip(image, 1)
-    crop = warp(image, center, scale, rot, self.spec)
-    return dict(image=crop,
-                joints=heatmap_joints(joints, joints_vis, center, scale, rot,
-                                      self.spec),
-                joints_vis=np.asarray(joints_vis[:, 0], np.float32))
 
 
 class AddTargets:
@@ -482,11 +634,11 @@ class EvalSample:
                score=np.float32(record['score']),
                image_id=np.int64(record['image_id']))
     try:
-      image = self.table.image(index)
+      out['image'] = crop(load_source(self.table, index), record['center'],
+                          record['scale'], 0, False, self.spec)
     except BadImageError as e:
       _bad_sample(e, self.fail)
       return out
-    out['image'] = warp(image, record['center'], record['scale'], 0, self.spec)
     out['mask'] = np.bool_(True)
     return out
 

@@ -238,8 +238,13 @@ class TfdsRecords(Sequence):
         area=float(r['area']))
 
   def image(self, i: int) -> np.ndarray:
+    return pipeline.decode_image(*self.image_data(i))
+
+  def image_data(self, i: int) -> tuple[bytes, str]:
+    """(encoded bytes, name for messages) of image i."""
     r = self._raw(i)
-    return pipeline.decode_image(r['image'], str(r['image_path']))
+    path = r['image_path']
+    return r['image'], path.decode() if isinstance(path, bytes) else str(path)
 
   def __getitem__(self, i):
     if isinstance(i, slice):

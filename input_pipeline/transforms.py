@@ -15,6 +15,7 @@ numerical details, so that crops and targets are bit-for-bit the official ones:
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import cv2
@@ -63,6 +64,19 @@ def get_affine_transform(center, scale, rot, output_size,
   Returns:
     float64 [2, 3] matrix, as `cv2.getAffineTransform` returns it.
   """
+  src = affine_source_points(center, scale, rot, shift)
+  dst = _destination_points(output_size[0], output_size[1])
+  if inv:
+    return cv2.getAffineTransform(dst, src)
+  return cv2.getAffineTransform(src, dst)
+
+
+def affine_source_points(center, scale, rot, shift=(0, 0)) -> np.ndarray:
+  """The three float32 source points of get_affine_transform ([3, 2]).
+
+  They do not depend on the output size: `affine_from_points(src, size)`
+  gives the matrix for any size without recomputing them.
+  """
   scale = np.asarray(scale)
   if scale.ndim == 0:
     scale = np.array([scale, scale])
@@ -70,23 +84,40 @@ def get_affine_transform(center, scale, rot, output_size,
   shift = np.asarray(shift, dtype=np.float32)
   scale_px = scale * PIXEL_STD
   src_w = scale_px[0]
-  dst_w, dst_h = output_size[0], output_size[1]
 
   rot_rad = np.pi * rot / 180
   src_dir = _rotate([0, (src_w - 1) * -0.5], rot_rad)
-  dst_dir = np.array([0, (dst_w - 1) * -0.5], np.float32)
 
   src = np.zeros((3, 2), dtype=np.float32)
-  dst = np.zeros((3, 2), dtype=np.float32)
   src[0] = center + scale_px * shift
   src[1] = center + src_dir + scale_px * shift
+  src[2] = _third_point(src[0], src[1])
+  return src
+
+
+def affine_from_points(src: np.ndarray, output_size) -> np.ndarray:
+  """get_affine_transform from affine_source_points' src (same matrix)."""
+  return cv2.getAffineTransform(
+      src, _destination_points(output_size[0], output_size[1]))
+
+
+@functools.lru_cache(maxsize=64, typed=True)
+def _destination_points_cached(dst_w, dst_h) -> np.ndarray:
+  dst_dir = np.array([0, (dst_w - 1) * -0.5], np.float32)
+  dst = np.zeros((3, 2), dtype=np.float32)
   dst[0] = [(dst_w - 1) * 0.5, (dst_h - 1) * 0.5]
   dst[1] = np.array([(dst_w - 1) * 0.5, (dst_h - 1) * 0.5]) + dst_dir
-  src[2] = _third_point(src[0], src[1])
   dst[2] = _third_point(dst[0], dst[1])
-  if inv:
-    return cv2.getAffineTransform(dst, src)
-  return cv2.getAffineTransform(src, dst)
+  dst.flags.writeable = False
+  return dst
+
+
+def _destination_points(dst_w, dst_h) -> np.ndarray:
+  """The three float32 destination points for a (dst_w, dst_h) output."""
+  try:
+    return _destination_points_cached(dst_w, dst_h)
+  except TypeError:  # unhashable sizes (e.g. jax scalars): not cached
+    return _destination_points_cached.__wrapped__(dst_w, dst_h)
 
 
 def affine_transform(point, trans) -> np.ndarray:

@@ -50,7 +50,8 @@ def _worker(devices, root, out, modes):
 
 @pytest.fixture(scope='module')
 def one_device(tiny_data, tmp_path_factory):
-  return _worker(1, tiny_data, tmp_path_factory.mktemp('one') / 'losses.json', ['sync'])
+  return _worker(1, tiny_data, tmp_path_factory.mktemp('one') / 'losses.json',
+                 ['sync', 'sync_no_dropout'])
 
 
 def _values(losses):
@@ -116,7 +117,7 @@ def test_two_processes_four_devices_each(tiny_data, tmp_path, one_device):
       'process_0-of-2.json', 'process_1-of-2.json']
   # The global batch holds the same images as on one device (in another
   # order): with synchronised BatchNorm and no dropout, the same losses.
-  np.testing.assert_allclose(_values(losses), _values(one_device['sync']['losses']),
-                             rtol=1e-4)
+  np.testing.assert_allclose(_values(losses),
+                             _values(one_device['sync_no_dropout']['losses']), rtol=1e-4)
   from transpose_jax import checkpoint  # the run is readable by eval.py
   assert checkpoint.locate(tmp_path) == (tmp_path / 'checkpoints', 3)

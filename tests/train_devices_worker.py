@@ -7,7 +7,9 @@ checkpoint).
   python tests/train_devices_worker.py DEVICES DATA_ROOT OUT_JSON MODE[,MODE...]
 
 MODE: 'sync' (BatchNorm over the global batch), 'per_device' (BatchNorm
-statistics per device) or 'fsdp' (parameters split over 'data', sync BN).
+statistics per device), 'fsdp' (parameters split over 'data', sync BN) or
+'sync_no_dropout' (sync, dropout 0: the reference for runs whose global batch
+holds the same images in another order).
 The device count must be set before JAX starts, hence a separate process.
 """
 
@@ -32,6 +34,8 @@ def main(argv):
   for mode in modes:
     config = tiny_train_config.get_config(root)
     config.num_train_steps = 3
+    if mode == 'sync_no_dropout':
+      config.model.dropout = 0.0
     config.sync_batchnorm = mode != 'per_device'
     config.fsdp = mode == 'fsdp'
     # Split every array with a divisible dimension, even the tiny model's.

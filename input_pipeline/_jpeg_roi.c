@@ -1,0 +1,209 @@
+/* Region-of-interest JPEG decoding with the system libjpeg(-turbo).
+ *
+ * Decodes only the rows [y0, y1) and (an iMCU-aligned superset of) the
+ * columns [x0, x1) of a JPEG to 8-bit RGB or RGBX (X = 255), writing the
+ * pixels at their true position into a caller-provided full-size buffer.
+ * Rows above y0 are skipped with jpeg_skip_scanlines (entropy decoding only,
+ * no IDCT), columns outside the range with jpeg_crop_scanline, and decoding
+ * stops after row y1.
+ *
+ * Decoder settings are the library defaults (JDCT_ISLOW, fancy upsampling,
+ * no block smoothing changes), i.e. what OpenCV's imgcodecs JPEG reader uses.
+ * Pixels near the edges of the decoded region may differ from a full decode
+ * (chroma upsampling context); callers widen the region accordingly.
+ *
+ * Plain C ABI for ctypes. Every function returns
+ *    0  success,
+ *    1  not handled here (colour space, missing Huffman tables, any libjpeg
+ *       warning, ...): the caller must fall back to a full decode,
+ *   -1  libjpeg error; its message is written to `msg`.
+ * libjpeg errors never exit the process (setjmp/longjmp error manager).
+ *
+ * Build: gcc -O2 -shared -fPIC _jpeg_roi.c -o _jpeg_roi.so -ljpeg
+ */
+
+#include <setjmp.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <jpeglib.h>
+
+#define JROI_OK 0
+#define JROI_UNSUPPORTED 1
+#define JROI_ERROR (-1)
+
+/* Bumped whenever the ABI below changes; checked by the Python wrapper. */
+int jroi_abi_version(void) { return 2; }
+
+int jroi_lib_version(void) { return JPEG_LIB_VERSION; }
+
+struct roi_error_mgr {
+  struct jpeg_error_mgr pub;
+  jmp_buf jump;
+  int warnings;
+};
+
+static void roi_error_exit(j_common_ptr cinfo) {
+  struct roi_error_mgr *err = (struct roi_error_mgr *)cinfo->err;
+  longjmp(err->jump, 1);
+}
+
+static void roi_emit_message(j_common_ptr cinfo, int msg_level) {
+  struct roi_error_mgr *err = (struct roi_error_mgr *)cinfo->err;
+  if (msg_level < 0) err->warnings++;  /* corrupt-data warning: counted only */
+}
+
+static void roi_output_message(j_common_ptr cinfo) { (void)cinfo; }
+
+static void copy_message(j_common_ptr cinfo, char *msg, int msg_len) {
+  char buffer[JMSG_LENGTH_MAX];
+  if (msg == NULL || msg_len <= 0) return;
+  buffer[0] = '\0';
+  cinfo->err->format_message(cinfo, buffer);
+  strncpy(msg, buffer, (size_t)msg_len - 1);
+  msg[msg_len - 1] = '\0';
+}
+
+static void set_message(char *msg, int msg_len, const char *text) {
+  if (msg == NULL || msg_len <= 0) return;
+  strncpy(msg, text, (size_t)msg_len - 1);
+  msg[msg_len - 1] = '\0';
+}
+
+static void init_errors(struct jpeg_decompress_struct *cinfo,
+                        struct roi_error_mgr *err) {
+  cinfo->err = jpeg_std_error(&err->pub);
+  err->pub.error_exit = roi_error_exit;
+  err->pub.emit_message = roi_emit_message;
+  err->pub.output_message = roi_output_message;
+  err->warnings = 0;
+}
+
+/* What the fast path accepts after jpeg_read_header: 8-bit YCbCr (3
+ * components) or grayscale, Huffman coded, with Huffman tables present.
+ * Everything else (CMYK/YCCK, Adobe RGB, arithmetic coding, 12-bit, ...) is
+ * left to the full decoder. */
+static int supported(const struct jpeg_decompress_struct *cinfo) {
+  if (cinfo->data_precision != 8 || cinfo->arith_code) return 0;
+  if (cinfo->ac_huff_tbl_ptrs[0] == NULL &&
+      cinfo->ac_huff_tbl_ptrs[1] == NULL &&
+      cinfo->dc_huff_tbl_ptrs[0] == NULL && cinfo->dc_huff_tbl_ptrs[1] == NULL)
+    return 0;  /* Motion-JPEG frame without tables */
+  if (cinfo->num_components == 3 && cinfo->jpeg_color_space == JCS_YCbCr)
+    return 1;
+  if (cinfo->num_components == 1 && cinfo->jpeg_color_space == JCS_GRAYSCALE)
+    return 1;
+  return 0;
+}
+
+/* Header only: image size, components, progressive flag. */
+int jroi_info(const unsigned char *data, unsigned long size, int *width,
+              int *height, int *components, int *progressive, char *msg,
+              int msg_len) {
+  struct jpeg_decompress_struct cinfo;
+  struct roi_error_mgr err;
+  volatile int result = JROI_OK;
+
+  init_errors(&cinfo, &err);
+  jpeg_create_decompress(&cinfo);
+  if (setjmp(err.jump)) {
+    copy_message((j_common_ptr)&cinfo, msg, msg_len);
+    jpeg_destroy_decompress(&cinfo);
+    return JROI_ERROR;
+  }
+  jpeg_mem_src(&cinfo, data, size);
+  jpeg_read_header(&cinfo, TRUE);
+  *width = (int)cinfo.image_width;
+  *height = (int)cinfo.image_height;
+  *components = cinfo.num_components;
+  *progressive = jpeg_has_multiple_scans(&cinfo) ? 1 : 0;
+  if (!supported(&cinfo)) {
+    set_message(msg, msg_len, "colour space or coding not handled");
+    result = JROI_UNSUPPORTED;
+  } else if (err.warnings) {
+    copy_message((j_common_ptr)&cinfo, msg, msg_len);
+    result = JROI_UNSUPPORTED;
+  }
+  jpeg_destroy_decompress(&cinfo);
+  return result;
+}
+
+/* Decodes rows [y0, y1) x columns [x0, x1) (clamped to the image) as RGB
+ * (channels = 3) or RGBX (channels = 4) into `out`, the top-left pixel of an
+ * image-sized buffer with `stride` bytes per row. The columns actually written
+ * are [x0 rounded down to an iMCU boundary, x1); other pixels of `out` are
+ * left untouched. `width`/`height` must be the image size (as jroi_info
+ * reports); a mismatch is an error. */
+int jroi_decode(const unsigned char *data, unsigned long size, int width,
+                int height, int x0, int y0, int x1, int y1, int channels,
+                unsigned char *out, long stride, char *msg, int msg_len) {
+  struct jpeg_decompress_struct cinfo;
+  struct roi_error_mgr err;
+  volatile int result = JROI_OK;
+  JDIMENSION crop_x, crop_w, row;
+
+  /* Clamped before setjmp so that nothing below modifies the arguments. */
+  if (x0 < 0) x0 = 0;
+  if (y0 < 0) y0 = 0;
+  if (x1 > width) x1 = width;
+  if (y1 > height) y1 = height;
+  init_errors(&cinfo, &err);
+  jpeg_create_decompress(&cinfo);
+  if (setjmp(err.jump)) {
+    copy_message((j_common_ptr)&cinfo, msg, msg_len);
+    jpeg_destroy_decompress(&cinfo);
+    return JROI_ERROR;
+  }
+  jpeg_mem_src(&cinfo, data, size);
+  jpeg_read_header(&cinfo, TRUE);
+  if (!supported(&cinfo)) {
+    set_message(msg, msg_len, "colour space or coding not handled");
+    result = JROI_UNSUPPORTED;
+    goto done;
+  }
+  if ((int)cinfo.image_width != width || (int)cinfo.image_height != height ||
+      (channels != 3 && channels != 4) || stride < (long)channels * width) {
+    set_message(msg, msg_len, "image size does not match the buffer");
+    result = JROI_ERROR;
+    goto done;
+  }
+  if (x0 >= x1 || y0 >= y1) goto done;  /* nothing to decode */
+
+  cinfo.out_color_space = channels == 4 ? JCS_EXT_RGBX : JCS_EXT_RGB;
+  jpeg_start_decompress(&cinfo);
+  if (err.warnings) {  /* e.g. progressive scans with corrupt data */
+    copy_message((j_common_ptr)&cinfo, msg, msg_len);
+    result = JROI_UNSUPPORTED;
+    jpeg_abort_decompress(&cinfo);
+    goto done;
+  }
+  crop_x = (JDIMENSION)x0;
+  crop_w = (JDIMENSION)(x1 - x0);
+  if (crop_x > 0 || crop_w < cinfo.output_width)
+    jpeg_crop_scanline(&cinfo, &crop_x, &crop_w);
+  if (y0 > 0 && jpeg_skip_scanlines(&cinfo, (JDIMENSION)y0) != (JDIMENSION)y0) {
+    set_message(msg, msg_len, "could not skip to the first row");
+    result = JROI_UNSUPPORTED;
+    jpeg_abort_decompress(&cinfo);
+    goto done;
+  }
+  for (row = (JDIMENSION)y0; row < (JDIMENSION)y1;) {
+    JSAMPROW dst = out + (long)row * stride + (long)channels * (long)crop_x;
+    if (jpeg_read_scanlines(&cinfo, &dst, 1) != 1) {
+      set_message(msg, msg_len, "decoder returned no row");
+      result = JROI_UNSUPPORTED;
+      break;
+    }
+    row = cinfo.output_scanline;
+  }
+  if (result == JROI_OK && err.warnings) {
+    /* Corrupt data inside the decoded rows: let the full decoder decide. */
+    copy_message((j_common_ptr)&cinfo, msg, msg_len);
+    result = JROI_UNSUPPORTED;
+  }
+  jpeg_abort_decompress(&cinfo);
+done:
+  jpeg_destroy_decompress(&cinfo);
+  return result;
+}
