@@ -43,13 +43,13 @@ def get_config():
   d.prob_half_body = 0.0
 
   config.batch_size = 16
-  config.num_train_steps = 2400
+  config.num_train_steps = 2800
   config.lr = 2e-3
   config.lr_end = 1e-5
   config.warmup_steps = 100
   config.checkpoint_every_steps = 800
   config.log_every_steps = 25
-  config.eval_every_steps = 2400
+  config.eval_every_steps = 2800
   config.eval.batch_size = 64
   config.eval.flip_test = False
   return config
