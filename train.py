@@ -29,10 +29,7 @@ DEFAULT_WORKDIR = 'runs/demo'
 
 # Before absl parses the flags: an unknown --config.key lists the valid keys.
 if __name__ == '__main__':
-  try:
-    config_checks.check_override_flags(sys.argv, default_file=DEFAULT_CONFIG)
-  except config_checks.ConfigError as e:
-    sys.exit(f'error: {e}')
+  config_checks.exit_on_unknown_override(sys.argv, default_file=DEFAULT_CONFIG)
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', DEFAULT_CONFIG, 'Training config file (configs/*.py).',

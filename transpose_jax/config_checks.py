@@ -15,6 +15,7 @@ import difflib
 import importlib.util
 import os
 import pathlib
+import sys
 from typing import Any, Iterable, Sequence
 
 import ml_collections
@@ -119,6 +120,14 @@ def check_override_flags(argv: Sequence[str], *, flag: str = 'config',
     message = unknown_key_message(config, key)
     if message:
       raise ConfigError(f'--{flag}.{key}: {message}')
+
+
+def exit_on_unknown_override(argv: Sequence[str], *, default_file: str) -> None:
+  """`check_override_flags`, exiting with its message (for a CLI's start)."""
+  try:
+    check_override_flags(argv, default_file=default_file)
+  except ConfigError as e:
+    sys.exit(f'error: {e}')
 
 
 def _walk(node: Any, prefix: str = '') -> Iterable[str]:

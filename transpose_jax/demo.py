@@ -20,6 +20,9 @@ import os
 import pathlib
 import sys
 
+from configs import demo as demo_config
+from transpose_jax import checkpoint, explain, predict, train_lib
+
 
 def _one_cpu_device_per_core(batch_size: int) -> None:
   """Splits the CPU into one XLA device per core (before JAX's first use).
@@ -27,19 +30,18 @@ def _one_cpu_device_per_core(batch_size: int) -> None:
   XLA:CPU spreads the small convolutions of the demo model poorly over
   threads; the same step data-parallel over one device per core (the batch
   sharded, BatchNorm statistics still over the whole batch, so the same
-  numbers) ran ~20% faster on 2 cores. Only the host platform is affected.
+  numbers) gave 138 instead of 117 images/s on 2 cores
+  (`benchmarks/train_step.py --variants demo --batch 16`). Only the host
+  platform is affected; JAX must not have started its CPU backend yet.
   """
   flags = os.environ.get('XLA_FLAGS', '')
   if 'xla_force_host_platform_device_count' in flags:
     return
-  devices = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-  devices = max(d for d in range(1, max(devices or 1, 1) + 1) if batch_size % d == 0)
+  cores = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+           else os.cpu_count() or 1)
+  devices = max(d for d in range(1, cores + 1) if batch_size % d == 0)
   if devices > 1:
     os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={devices}'.strip()
-
-
-from configs import demo as demo_config  # noqa: E402  pylint: disable=g-import-not-at-top
-from transpose_jax import checkpoint, explain, predict, train_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _example(data_root: pathlib.Path):

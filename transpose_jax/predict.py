@@ -526,10 +526,7 @@ def run_cli(define_flags, main_fn) -> None:
   from absl import app  # pylint: disable=g-import-not-at-top
   from transpose_jax import config_checks  # pylint: disable=g-import-not-at-top
   check_cli_paths(sys.argv, _DEFAULT_CONFIG)
-  try:
-    config_checks.check_override_flags(sys.argv, default_file=_DEFAULT_CONFIG)
-  except config_checks.ConfigError as e:
-    sys.exit(f'error: {e}')
+  config_checks.exit_on_unknown_override(sys.argv, default_file=_DEFAULT_CONFIG)
   define_flags()
   app.run(main_fn)
 

@@ -117,24 +117,33 @@ def _lax_conv(x, kernel, stride: int, padding):
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
+def window_taps(x: jax.Array, window: tuple[int, int], stride: int, padding,
+                out_hw: tuple[int, int], pad_value: float = 0.0) -> list[jax.Array]:
+  """The window[0]*window[1] strided views of NHWC `x` padded by `padding`
+  (((top, bottom), (left, right))), each [N, out_h, out_w, C], row-major over
+  the window (PyTorch's scan order)."""
+  n, _, _, c = x.shape
+  out_h, out_w = out_hw
+  padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)),
+                   constant_values=pad_value)
+  return [jax.lax.slice(padded, (0, dy, dx, 0),
+                        (n, dy + stride * (out_h - 1) + 1,
+                         dx + stride * (out_w - 1) + 1, c),
+                        (1, stride, stride, 1))
+          for dy in range(window[0]) for dx in range(window[1])]
+
+
 def kernel_grad_im2col(x: jax.Array, grad_out: jax.Array, kernel_shape,
                        stride: int, padding) -> jax.Array:
   """Weight gradient of a NHWC/HWIO convolution as one matrix product.
 
   The kh*kw shifted (strided) views of the padded input are concatenated on
   the channel axis and contracted with the output gradient over batch and
-  space. XLA:CPU's own convolution weight gradient is 2.5-3x slower than this
-  for the 3x3 and 7x7 kernels of ResNet-S and HRNet (measured at batch 8).
+  space. XLA:CPU's own convolution weight gradient was several times slower
+  than this for the 3x3 and 7x7 kernels of ResNet-S and HRNet at batch 8.
   """
   kh, kw, cin, cout = kernel_shape
-  _, out_h, out_w, _ = grad_out.shape
-  padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-  n = x.shape[0]
-  taps = [jax.lax.slice(padded, (0, dy, dx, 0),
-                        (n, dy + stride * (out_h - 1) + 1,
-                         dx + stride * (out_w - 1) + 1, cin),
-                        (1, stride, stride, 1))
-          for dy in range(kh) for dx in range(kw)]
+  taps = window_taps(x, (kh, kw), stride, padding, grad_out.shape[1:3])
   patches = jnp.concatenate(taps, axis=-1).reshape(-1, kh * kw * cin)
   grad = jax.lax.dot_general(patches, grad_out.reshape(-1, cout),
                              (((0,), (0,)), ((), ())),
@@ -216,9 +225,9 @@ def dropout_keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> ja
   Each element's bits are a counter-based hash of its position (leading axis
   and offset within it) and two seed words drawn from `key`, so the mask is
   the same however the array is sharded, and costs a handful of integer ops
-  per element: on the CPU about 25x less than `jax.random.bernoulli` (threefry
-  or rbg) for the [batch, heads, HW, HW] attention dropout of TP-R, which
-  otherwise took ~10% of the training step.
+  per element: on the CPU far less than `jax.random.bernoulli` (threefry or
+  rbg), which made the [batch, heads, HW, HW] attention dropout of TP-R a
+  visible part of the training step.
   """
   inner = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
   if inner >= 2 ** 32:
@@ -255,15 +264,10 @@ class Dropout(nnx.Dropout):
 
 
 def _pool_taps(x: jax.Array) -> list[jax.Array]:
-  """The nine strided views of a 3x3/2 window over x padded by 1 with -inf,
-  in PyTorch's scan order (row-major within the window)."""
-  n, h, w, c = x.shape
-  out_h, out_w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  return [jax.lax.slice(padded, (0, dy, dx, 0),
-                        (n, dy + 2 * (out_h - 1) + 1, dx + 2 * (out_w - 1) + 1, c),
-                        (1, 2, 2, 1))
-          for dy in range(3) for dx in range(3)]
+  """The nine views of a 3x3/2 window over x padded by 1 with -inf."""
+  _, h, w, _ = x.shape
+  return window_taps(x, (3, 3), 2, ((1, 1), (1, 1)),
+                     ((h - 1) // 2 + 1, (w - 1) // 2 + 1), pad_value=-jnp.inf)
 
 
 def _interleave_taps(t0, t1, t2, axis: int) -> jax.Array:
@@ -290,8 +294,8 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
 
   The maximum of nine strided slices. Its gradient goes, as PyTorch's does,
   to the first maximum of each window in scan order (autodiff of the max
-  chain would split ties and, on XLA:CPU, took 100 ms at TP-R batch 8: it
-  re-evaluates the chain for every tap).
+  chain would split ties and was slow on XLA:CPU: it re-evaluates the chain
+  for every tap).
   """
   result = None
   for window in _pool_taps(x):
