@@ -246,21 +246,33 @@ class Dropout(nnx.Dropout):
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
                rngs=None) -> jax.Array:
-    deterministic = self.deterministic if deterministic is None else deterministic
-    if self.rate == 0.0 or deterministic:
-      return inputs
-    if self.rate == 1.0:
+    if self.rate == 1.0 and not self._inactive(deterministic):
       return jnp.zeros_like(inputs)
+    mask = self.keep_mask(inputs.shape, deterministic=deterministic, rngs=rngs)
+    if mask is None:
+      return inputs
+    return jax.lax.select(mask, inputs / jnp.asarray(1.0 - self.rate, inputs.dtype),
+                          jnp.zeros_like(inputs))
+
+  def _inactive(self, deterministic: bool | None) -> bool:
+    deterministic = self.deterministic if deterministic is None else deterministic
+    return self.rate == 0.0 or deterministic
+
+  def keep_mask(self, shape: tuple[int, ...], *, deterministic: bool | None = None,
+                rngs=None) -> jax.Array | None:
+    """The mask `__call__` would apply to an array of `shape` (drawing the same
+    key), or None when dropout is off; for code that applies it itself."""
+    if self._inactive(deterministic):
+      return None
+    if self.rate == 1.0:
+      return jnp.zeros(shape, jnp.bool_)
     if self.broadcast_dims:
       raise ValueError('Dropout: broadcast_dims is not supported')
     stream = self.rngs if rngs is None else rngs
     if stream is None:
       raise ValueError('Dropout in training mode needs rngs (nnx.Rngs(dropout=...))')
     key = stream() if callable(stream) else stream
-    keep_prob = 1.0 - self.rate
-    mask = dropout_keep_mask(key, inputs.shape, self.rate)
-    return jax.lax.select(mask, inputs / jnp.asarray(keep_prob, inputs.dtype),
-                          jnp.zeros_like(inputs))
+    return dropout_keep_mask(key, shape, self.rate)
 
 
 def _pool_taps(x: jax.Array) -> list[jax.Array]:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from transpose_jax.models.attention import softmax_attention
 from transpose_jax.models.layers import Dropout, host_init
 
 
@@ -73,7 +74,13 @@ class MultiheadAttention(nnx.Module):
     self.d_model = d_model
     self.dtype = dtype
 
-  def __call__(self, qk_input: jax.Array, v_input: jax.Array):
+  def __call__(self, qk_input: jax.Array, v_input: jax.Array, *, need_weights: bool = True):
+    """(output [N, L, d], weights [N, heads, L, L] after dropout, or None).
+
+    Without `need_weights` the product runs through `softmax_attention`, whose
+    hand-written gradient is the training path; the weights path is plain
+    autodiff and returns what `nn.MultiheadAttention` returns.
+    """
     n, length, d = v_input.shape
     kernel = self.in_proj_kernel[...].astype(self.dtype)
     bias = self.in_proj_bias[...].astype(self.dtype)
@@ -83,12 +90,16 @@ class MultiheadAttention(nnx.Module):
     q = qk[..., :d] * jnp.asarray(head_dim ** -0.5, self.dtype)
     k = qk[..., d:]
     split = lambda t: t.reshape(n, length, self.n_head, head_dim)
-    logits = jnp.einsum('nqhc,nkhc->nhqk', split(q), split(k),
-                        preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits, axis=-1)
-    weights = self.dropout(weights)
-    out = jnp.einsum('nhqk,nkhc->nqhc', weights.astype(self.dtype), split(v))
-    return self.out_proj(out.reshape(n, length, d)), weights
+    if need_weights or self.dropout.rate == 1.0:
+      logits = jnp.einsum('nqhc,nkhc->nhqk', split(q), split(k),
+                          preferred_element_type=jnp.float32)
+      weights = self.dropout(jax.nn.softmax(logits, axis=-1))
+      out = jnp.einsum('nhqk,nkhc->nqhc', weights.astype(self.dtype), split(v))
+    else:
+      keep_mask = self.dropout.keep_mask((n, self.n_head, length, length))
+      out = softmax_attention(split(q), split(k), split(v), keep_mask, 1.0 - self.dropout.rate)
+      weights = None
+    return self.out_proj(out.reshape(n, length, d)), (weights if need_weights else None)
 
 
 class EncoderLayer(nnx.Module):
@@ -107,9 +118,9 @@ class EncoderLayer(nnx.Module):
     self.dropout1 = Dropout(dropout, rngs=rngs)
     self.dropout2 = Dropout(dropout, rngs=rngs)
 
-  def __call__(self, x: jax.Array, pos: jax.Array | None):
+  def __call__(self, x: jax.Array, pos: jax.Array | None, *, need_weights: bool = True):
     qk = x if pos is None else x + pos.astype(x.dtype)
-    attended, weights = self.self_attn(qk, x)
+    attended, weights = self.self_attn(qk, x, need_weights=need_weights)
     x = self.norm1(x + self.dropout1(attended))
     hidden = self.dropout(jax.nn.relu(self.linear1(x)))
     x = self.norm2(x + self.dropout2(self.linear2(hidden)))
@@ -129,7 +140,7 @@ class TransformerEncoder(nnx.Module):
     """`attention`: None, 'mean' ([layers,N,L,L], averaged over heads) or 'heads'."""
     maps = []
     for layer in self.layers:
-      x, weights = layer(x, pos)
+      x, weights = layer(x, pos, need_weights=attention is not None)
       if attention == 'mean':
         maps.append(jnp.mean(weights, axis=1))
       elif attention == 'heads':
