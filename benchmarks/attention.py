@@ -25,17 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-from transpose_jax.models import layers  # noqa: E402
-from transpose_jax.models.attention import softmax_attention  # noqa: E402
+from transpose_jax.models import hrnet, layers, resnet  # noqa: E402
+from transpose_jax.models.attention import attention_with_weights, softmax_attention  # noqa: E402
 
 VARIANTS = ('tp_r_a3', 'tp_r_a4', 'tp_h_s', 'tp_h_a4', 'tp_h_a6')
 
 
 def autodiff_attention(q, k, v, keep_mask, keep_prob):
-  logits = jnp.einsum('nqhc,nkhc->nhqk', q, k, preferred_element_type=jnp.float32)
-  weights = jax.nn.softmax(logits, axis=-1)
-  weights = jax.lax.select(keep_mask, weights / keep_prob, jnp.zeros_like(weights))
-  return jnp.einsum('nhqk,nkhc->nqhc', weights, v)
+  return attention_with_weights(q, k, v, keep_mask, keep_prob)[0]
 
 
 def _time(fn, args, repeats: int) -> tuple[float, object]:
@@ -50,7 +47,7 @@ def _time(fn, args, repeats: int) -> tuple[float, object]:
 
 def measure(variant: str, batch: int, repeats: int) -> dict:
   model = importlib.import_module(f'configs.{variant}').get_config().model
-  stride = 8 if model.name == 'transpose_r' else 4
+  stride = (resnet.ResNetS if model.name == 'transpose_r' else hrnet.HRNetS).stride
   length = (model.image_size[0] // stride) * (model.image_size[1] // stride)
   heads, head_dim = model.n_head, model.d_model // model.n_head
   rng = np.random.default_rng(0)

@@ -26,6 +26,8 @@ def _heads_first(x: jax.Array) -> jax.Array:
 def _drop(weights: jax.Array, keep_mask: jax.Array | None, keep_prob: float) -> jax.Array:
   if keep_mask is None:
     return weights
+  if keep_prob == 0.0:  # everything dropped, as `Dropout` at rate 1 (and no 0/0 in the gradient)
+    return jnp.zeros_like(weights)
   return jax.lax.select(keep_mask, weights / jnp.asarray(keep_prob, weights.dtype),
                         jnp.zeros_like(weights))
 
@@ -44,6 +46,17 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   out = _attention(_heads_first(q), _heads_first(k), _heads_first(v), keep_mask,
                    keep_prob if keep_mask is not None else 1.0)
   return _heads_first(out)
+
+
+def attention_with_weights(q: jax.Array, k: jax.Array, v: jax.Array,
+                           keep_mask: jax.Array | None,
+                           keep_prob: float) -> tuple[jax.Array, jax.Array]:
+  """The same product by plain autodiff, also returning the dropped weights
+  [N, heads, L, L] (what `nn.MultiheadAttention` returns); any `keep_prob`
+  in [0, 1]."""
+  weights = _drop(_softmax_weights(_heads_first(q), _heads_first(k)), keep_mask, keep_prob)
+  out = jnp.einsum('nhqk,nkhc->nqhc', weights.astype(v.dtype), v)
+  return out, weights
 
 
 def _softmax_weights(q, k):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from transpose_jax.models.attention import softmax_attention
+from transpose_jax.models.attention import attention_with_weights, softmax_attention
 from transpose_jax.models.layers import Dropout, host_init
 
 
@@ -90,15 +90,13 @@ class MultiheadAttention(nnx.Module):
     q = qk[..., :d] * jnp.asarray(head_dim ** -0.5, self.dtype)
     k = qk[..., d:]
     split = lambda t: t.reshape(n, length, self.n_head, head_dim)
-    if need_weights or self.dropout.rate == 1.0:
-      logits = jnp.einsum('nqhc,nkhc->nhqk', split(q), split(k),
-                          preferred_element_type=jnp.float32)
-      weights = self.dropout(jax.nn.softmax(logits, axis=-1))
-      out = jnp.einsum('nhqk,nkhc->nqhc', weights.astype(self.dtype), split(v))
+    qkv = split(q), split(k), split(v)
+    keep_mask = self.dropout.keep_mask((n, self.n_head, length, length))
+    keep_prob = 1.0 - self.dropout.rate
+    if need_weights or keep_prob == 0.0:
+      out, weights = attention_with_weights(*qkv, keep_mask, keep_prob)
     else:
-      keep_mask = self.dropout.keep_mask((n, self.n_head, length, length))
-      out = softmax_attention(split(q), split(k), split(v), keep_mask, 1.0 - self.dropout.rate)
-      weights = None
+      out, weights = softmax_attention(*qkv, keep_mask, keep_prob), None
     return self.out_proj(out.reshape(n, length, d)), (weights if need_weights else None)
 
 
