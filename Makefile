@@ -11,8 +11,10 @@ RUN := env $(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC)) TRANSPOSE_SHARED=$(SHARED) P
 PYTEST_ARGS ?=
 JPEG_ROI := input_pipeline/_jpeg_roi.so
 # A checkout of yangsenius/TransPose: `make bench OFFICIAL=DIR` times the
-# official training step and data pipeline beside ours (needs yacs).
+# official training step and data pipeline beside ours (needs yacs);
+# ROUNDS=3 alternates the two training steps three times (drift-robust ratio).
 OFFICIAL ?=
+ROUNDS ?= 1
 
 .PHONY: install test test-slow test-all demo bench clean
 
@@ -50,7 +52,7 @@ demo: install
 
 bench: install
 	$(RUN) $(PY) benchmarks/models.py
-	$(RUN) $(PY) benchmarks/train_step.py $(if $(OFFICIAL),--official $(OFFICIAL))
+	$(RUN) $(PY) benchmarks/train_step.py $(if $(OFFICIAL),--official $(OFFICIAL) --rounds $(ROUNDS))
 	$(RUN) $(PY) benchmarks/input_pipeline.py $(if $(OFFICIAL),--official $(OFFICIAL))
 
 clean:

@@ -1,18 +1,22 @@
 """Training-step throughput per variant: images/s of the jitted update step.
 
     python benchmarks/train_step.py [--variants tp_r_a3,tp_h_s] [--dtypes float32,bfloat16]
-                                    [--batch 8] [--steps 5] [--official DIR]
+                                    [--batch 8] [--steps 5] [--official DIR] [--rounds 1]
 
 The step is the one train.py runs (`train_lib.make_train_step`: forward in
 train mode with dropout, JointsMSELoss, gradient, Adam update), on random
 uint8 images and targets at the variant's input size, on every local device
-(this CPU, or the lent GPU). Reported: the median of `--steps` timed steps
-after one warm-up (compilation) step, as images/s, plus the compile time.
+(this CPU, or the lent GPU). Reported: the median of the timed steps after
+one warm-up (compilation) step, as images/s, plus the compile time.
 
 With `--official DIR` (a checkout of yangsenius/TransPose; needs torch and
 yacs) the official PyTorch step of each variant is timed the same way in a
 subprocess (`benchmarks/official_train_step.py`) and printed alongside, with
-the ratio. Preload tcmalloc for both (the Makefile does).
+the ratio. `--rounds R` alternates the two R times (official `--steps`
+steps, then ours) and reports the median of the per-round ratios with their
+range: on a shared machine whose speed drifts over minutes, a ratio taken
+from neighbouring minutes is the one to trust. Preload tcmalloc for both (the
+Makefile does).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
@@ -59,7 +64,8 @@ def _config(variant: str, dtype: str, batch: int):
   return config
 
 
-def measure(variant: str, dtype: str, batch: int, steps: int) -> dict:
+def prepare(variant: str, dtype: str, batch: int) -> tuple[Callable[[int], list[float]], float]:
+  """Builds and compiles the step; returns (times of n further steps, compile s)."""
   config = _config(variant, dtype, batch)
   mesh = sharding.make_mesh()
   sharding.check_batch_size(batch, mesh)
@@ -80,19 +86,48 @@ def measure(variant: str, dtype: str, batch: int, steps: int) -> dict:
   }
   batch_arrays = sharding.global_batch(local, mesh)
   key = jax.random.key(0, impl=config.dropout_rng)  # as train.py
-  start = time.perf_counter()
-  state, metrics = step(state, batch_arrays, key)
-  float(metrics['loss'])
-  compile_s = time.perf_counter() - start
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    state, metrics = step(state, batch_arrays, key)
+  carry = {}
+
+  def run_step():
+    state_in = carry.pop('state', state)
+    carry['state'], metrics = step(state_in, batch_arrays, key)
     float(metrics['loss'])
-    times.append(time.perf_counter() - start)
+
+  start = time.perf_counter()
+  run_step()
+  compile_s = time.perf_counter() - start
+
+  def timed(n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+      start = time.perf_counter()
+      run_step()
+      times.append(time.perf_counter() - start)
+    return times
+
+  return timed, compile_s
+
+
+def measure(variant: str, dtype: str, batch: int, steps: int,
+            official_dir: str = '', rounds: int = 1) -> dict:
+  """Our step's images/s; with `official_dir`, the official step's images/s
+  timed in `rounds` rounds alternating with ours, and the per-round ratios."""
+  from benchmarks import official_train_step  # pylint: disable=g-import-not-at-top
+  compare = bool(official_dir) and variant in official_train_step.EXPERIMENTS
+  timed, compile_s = prepare(variant, dtype, batch)
+  times, ratios, official = [], [], []
+  for _ in range(rounds if compare else 1):
+    ref = official_rate(official_dir, variant, batch, steps) if compare else None
+    round_times = timed(steps)
+    times += round_times
+    if ref is not None:
+      official.append(ref)
+      ratios.append(batch / statistics.median(round_times) / ref)
   median = statistics.median(times)
   return dict(variant=variant, dtype=dtype, batch=batch, step_s=median,
-              images_per_s=batch / median, compile_s=compile_s)
+              images_per_s=batch / median, compile_s=compile_s,
+              official=statistics.median(official) if official else None,
+              ratios=ratios)
 
 
 def main(argv=None) -> None:
@@ -103,21 +138,26 @@ def main(argv=None) -> None:
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--official', default='',
                       help='checkout of yangsenius/TransPose: time its step too')
+  parser.add_argument('--rounds', type=int, default=1,
+                      help='with --official: alternate official and ours this many times')
   args = parser.parse_args(argv)
   devices = jax.devices()
   print(f'# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; '
         f'devices: {len(devices)} x {devices[0].device_kind}; jax {jax.__version__}; '
         f'LD_PRELOAD={os.environ.get("LD_PRELOAD", "")!r}', flush=True)
-  print('| variant | dtype | batch | step (s) | images/s | official PyTorch images/s | ratio | compile (s) |')
+  print('| variant | dtype | batch | step (s) | images/s | official PyTorch images/s | ratio (range over rounds) | compile (s) |')
   print('|---|---|---|---|---|---|---|---|', flush=True)
+  official_dir = args.official if devices[0].platform == 'cpu' else ''
   for variant in args.variants.split(','):
-    official = None
-    if args.official and devices[0].platform == 'cpu':
-      official = official_rate(args.official, variant, args.batch, args.steps)
     for dtype in args.dtypes.split(','):
-      r = measure(variant, dtype, args.batch, args.steps)
-      ref = '-' if official is None else f'{official:.2f}'
-      ratio = '-' if official is None else f"{r['images_per_s'] / official:.2f}x"
+      r = measure(variant, dtype, args.batch, args.steps, official_dir, args.rounds)
+      ref, ratio = '-', '-'
+      if r['official'] is not None:
+        ref = f"{r['official']:.2f}"
+        ratios = r['ratios']
+        ratio = f'{statistics.median(ratios):.2f}x'
+        if len(ratios) > 1:
+          ratio += f' ({min(ratios):.2f}-{max(ratios):.2f})'
       print(f"| {variant} | {dtype} | {r['batch']} | {r['step_s']:.3f} | "
             f"{r['images_per_s']:.2f} | {ref} | {ratio} | {r['compile_s']:.0f} |", flush=True)
 
