@@ -1,8 +1,10 @@
 """The layers written for XLA:CPU speed compute what their plain forms compute.
 
 conv2d's kernel gradient (im2col matmul) against XLA's autodiff gradient, the
-max-pool gradient against PyTorch's (first maximum of each window), the
-hashed dropout masks' rate, independence and determinism.
+concatenation padding against jnp.pad, BatchNorm's closed-form gradient
+against autodiff of its formula, the max-pool gradient against PyTorch's
+(first maximum of each window), the hashed dropout masks' rate, independence
+and determinism.
 """
 
 import jax
@@ -18,6 +20,49 @@ from transpose_jax.models import layers
 def _lax_conv(x, kernel, stride, padding):
   return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@pytest.mark.parametrize('padding, value', [
+    (((1, 1), (1, 1)), 0.0),
+    (((3, 3), (3, 3)), 0.0),
+    (((1, 0), (0, 1)), 0.0),
+    (((0, 0), (2, 1)), -np.inf),
+    (((0, 0), (0, 0)), 0.0),
+])
+def test_pad_by_concatenation_equals_pad(padding, value):
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 5, 4, 3)), jnp.float32)
+  want = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)), constant_values=value)
+  np.testing.assert_array_equal(layers.pad_by_concatenation(x, padding, value), want)
+
+
+def _batch_norm_by_autodiff(x, scale, bias, epsilon):
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=(0, 1, 2))
+  var = jnp.mean(jnp.square(x32 - mean), axis=(0, 1, 2))
+  y = (x32 - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
+  return y, mean, var
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_batch_norm_closed_form_gradient_matches_autodiff(dtype):
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((4, 6, 5, 7)) * 3 + 1, dtype)
+  scale = jnp.asarray(rng.random(7) + 0.5, jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(7), jnp.float32)
+  # Cotangents on all three outputs: y, and the statistics (nonzero here,
+  # though the model only reads them under stop_gradient).
+  cts = (jnp.asarray(rng.standard_normal((4, 6, 5, 7)), jnp.float32),
+         jnp.asarray(rng.standard_normal(7), jnp.float32),
+         jnp.asarray(rng.standard_normal(7), jnp.float32))
+  got_out, got_vjp = jax.vjp(lambda *a: layers.batch_norm_train(*a, 1e-5), x, scale, bias)
+  want_out, want_vjp = jax.vjp(lambda *a: _batch_norm_by_autodiff(*a, 1e-5), x, scale, bias)
+  for got, want in zip(got_out, want_out):
+    np.testing.assert_array_equal(got, want)
+  for got, want in zip(got_vjp(cts), want_vjp(cts)):
+    assert got.dtype == want.dtype
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    tol = 1e-2 if dtype == jnp.bfloat16 else 2e-5
+    np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max(), rtol=0)
 
 
 @pytest.mark.parametrize('kernel_hw, cin, cout, stride, padding', [
