@@ -1,12 +1,12 @@
 """The XLA:CPU setting the models are tuned for, applied on import.
 
 jaxlib 0.10 hands every convolution on the CPU to YNNPACK. For the HRNet and
-ResNet convolutions at batch 8 on the 2-core AVX2 machine in the README,
-XLA's Eigen convolutions are faster in both directions. Examples: a 3x3
-48->48 convolution at 64x48 runs forward in 10.8 ms instead of 21.0 ms, and
-its input gradient in 13.5 ms instead of 17.3 ms. The TP-H-A4 float32
-training step is faster with them (README, training-step table). Matrix
-products, reductions and elementwise fusions stay with YNNPACK.
+ResNet 3x3 convolutions at batch 8 on the README's 2-core AVX2 machine,
+XLA's Eigen convolutions are faster forward and in the input gradient,
+about twice as fast forward at HRNet-W48's 48-channel 64x48 branch
+(`benchmarks/convolutions.py` times both back ends). The TP-H training steps
+are faster with them (README, training-step table). Matrix products,
+reductions and elementwise fusions stay with YNNPACK.
 
 This only takes effect if it runs before JAX starts its CPU backend.
 Importing `transpose_jax` runs it, and every entry point imports it before

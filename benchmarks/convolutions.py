@@ -1,0 +1,107 @@
+"""XLA:CPU's two convolution back ends on the backbones' 3x3 convolutions.
+
+    python benchmarks/convolutions.py [--batch 8] [--repeats 7]
+
+`transpose_jax.xla_cpu` keeps XLA:CPU's convolutions on its Eigen kernels
+instead of YNNPACK (the jaxlib 0.10 default). This times one 3x3 stride-1
+convolution per backbone width, float32, through `models.layers.conv2d`:
+forward, input gradient and kernel gradient, each jitted alone, best of
+`--repeats` calls after a warm-up. Each back end runs in its own process
+because the choice is made when JAX starts. Eigen is the package default;
+YNNPACK is selected with TRANSPOSE_JAX_YNNPACK_CONV=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+
+# (name, H, W, channels) at a 256x192 input.
+SHAPES = (
+    ('HRNet-W48 branch 1', 64, 48, 48),
+    ('HRNet-W48 branch 2', 32, 24, 96),
+    ('HRNet-W48 branch 3', 16, 12, 192),
+    ('HRNet-W32 branch 1', 64, 48, 32),
+    ('ResNet-S layer1', 64, 48, 64),
+    ('ResNet-S layer2', 32, 24, 128),
+)
+
+
+def _best_ms(fn, args, repeats: int) -> float:
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.block_until_ready(fn(*args))
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - start)
+  return best * 1e3
+
+
+def worker(batch: int, repeats: int) -> None:
+  """Prints one JSON line per shape: its three timings in ms."""
+  sys.path.insert(0, ROOT)
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from transpose_jax.models import layers  # pylint: disable=g-import-not-at-top
+  pad = ((1, 1), (1, 1))
+  conv = lambda x, k: layers.conv2d(x, k, 1, pad)
+  forward = jax.jit(conv)
+  grad_x = jax.jit(lambda x, k, g: jax.vjp(lambda a: conv(a, k), x)[1](g)[0])
+  grad_k = jax.jit(lambda x, k, g: jax.vjp(lambda b: conv(x, b), k)[1](g)[0])
+  rng = np.random.default_rng(0)
+  for name, h, w, c in SHAPES:
+    x = jax.numpy.asarray(rng.standard_normal((batch, h, w, c)), 'float32')
+    k = jax.numpy.asarray(rng.standard_normal((3, 3, c, c)) * 0.05, 'float32')
+    g = jax.numpy.asarray(rng.standard_normal((batch, h, w, c)), 'float32')
+    print(json.dumps(dict(
+        shape=name, forward=_best_ms(forward, (x, k), repeats),
+        grad_input=_best_ms(grad_x, (x, k, g), repeats),
+        grad_kernel=_best_ms(grad_k, (x, k, g), repeats))), flush=True)
+
+
+def _run(backend: str, batch: int, repeats: int) -> dict:
+  env = {k: v for k, v in os.environ.items() if k != 'TRANSPOSE_JAX_YNNPACK_CONV'}
+  if backend == 'YNNPACK':
+    env['TRANSPOSE_JAX_YNNPACK_CONV'] = '1'
+  if 'xla_cpu_experimental_ynn_fusion_type' in env.get('XLA_FLAGS', ''):
+    raise SystemExit('XLA_FLAGS already chooses the YNNPACK fusion types; unset it')
+  out = subprocess.run(
+      [sys.executable, __file__, '--worker', '--batch', str(batch),
+       '--repeats', str(repeats)],
+      env=env, check=True, capture_output=True, text=True).stdout
+  return {row['shape']: row for row in map(json.loads, out.splitlines())}
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--repeats', type=int, default=7)
+  parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.worker:
+    worker(args.batch, args.repeats)
+    return
+  results = {backend: _run(backend, args.batch, args.repeats)
+             for backend in ('Eigen', 'YNNPACK')}
+  print(f'# {platform.machine()}, {os.cpu_count()} CPUs; batch {args.batch}; '
+        f'float32; ms, best of {args.repeats}; '
+        f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}")
+  print('| convolution (3x3, HxW, channels) | forward Eigen / YNNPACK '
+        '| input grad Eigen / YNNPACK | kernel grad Eigen / YNNPACK |')
+  print('|---|---|---|---|')
+  for name, h, w, c in SHAPES:
+    cells = [f"{results['Eigen'][name][part]:.1f} / {results['YNNPACK'][name][part]:.1f}"
+             for part in ('forward', 'grad_input', 'grad_kernel')]
+    print(f'| {name} ({h}x{w}, {c}) | ' + ' | '.join(cells) + ' |')
+
+
+if __name__ == '__main__':
+  main()
