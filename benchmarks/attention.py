@@ -35,7 +35,8 @@ def autodiff_attention(q, k, v, keep_mask, keep_prob):
   return attention_with_weights(q, k, v, keep_mask, keep_prob)[0]
 
 
-def _time(fn, args, repeats: int) -> tuple[float, object]:
+def best_time(fn, args, repeats: int) -> tuple[float, object]:
+  """Best of `repeats` calls after a warm-up call, in seconds, and the result."""
   result = jax.block_until_ready(fn(*args))
   best = float('inf')
   for _ in range(repeats):
@@ -60,7 +61,7 @@ def measure(variant: str, batch: int, repeats: int) -> dict:
       mask = layers.dropout_keep_mask(key, (batch, heads, length, length), rate)
       return jnp.sum(attention(q, k, v, mask, 1.0 - rate) * probe)
     step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    times[name], grads[name] = _time(step, (q, k, v, jax.random.key(0)), repeats)
+    times[name], grads[name] = best_time(step, (q, k, v, jax.random.key(0)), repeats)
   diff = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
              for a, b in zip(grads['hand-written'], grads['autodiff']))
   return dict(variant=variant, shape=(batch, heads, length, length), times=times, diff=diff)

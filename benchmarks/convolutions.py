@@ -19,7 +19,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 
@@ -34,37 +33,28 @@ SHAPES = (
 )
 
 
-def _best_ms(fn, args, repeats: int) -> float:
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.block_until_ready(fn(*args))
-  best = float('inf')
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - start)
-  return best * 1e3
-
-
 def worker(batch: int, repeats: int) -> None:
   """Prints one JSON line per shape: its three timings in ms."""
   sys.path.insert(0, ROOT)
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from benchmarks.attention import best_time  # pylint: disable=g-import-not-at-top
   from transpose_jax.models import layers  # pylint: disable=g-import-not-at-top
   pad = ((1, 1), (1, 1))
   conv = lambda x, k: layers.conv2d(x, k, 1, pad)
   forward = jax.jit(conv)
   grad_x = jax.jit(lambda x, k, g: jax.vjp(lambda a: conv(a, k), x)[1](g)[0])
   grad_k = jax.jit(lambda x, k, g: jax.vjp(lambda b: conv(x, b), k)[1](g)[0])
+  best_ms = lambda fn, args: best_time(fn, args, repeats)[0] * 1e3
   rng = np.random.default_rng(0)
   for name, h, w, c in SHAPES:
     x = jax.numpy.asarray(rng.standard_normal((batch, h, w, c)), 'float32')
     k = jax.numpy.asarray(rng.standard_normal((3, 3, c, c)) * 0.05, 'float32')
     g = jax.numpy.asarray(rng.standard_normal((batch, h, w, c)), 'float32')
     print(json.dumps(dict(
-        shape=name, forward=_best_ms(forward, (x, k), repeats),
-        grad_input=_best_ms(grad_x, (x, k, g), repeats),
-        grad_kernel=_best_ms(grad_k, (x, k, g), repeats))), flush=True)
+        shape=name, forward=best_ms(forward, (x, k)),
+        grad_input=best_ms(grad_x, (x, k, g)),
+        grad_kernel=best_ms(grad_k, (x, k, g)))), flush=True)
 
 
 def _run(backend: str, batch: int, repeats: int) -> dict:

@@ -86,11 +86,10 @@ def prepare(variant: str, dtype: str, batch: int) -> tuple[Callable[[int], list[
   }
   batch_arrays = sharding.global_batch(local, mesh)
   key = jax.random.key(0, impl=config.dropout_rng)  # as train.py
-  carry = {}
 
   def run_step():
-    state_in = carry.pop('state', state)
-    carry['state'], metrics = step(state_in, batch_arrays, key)
+    nonlocal state
+    state, metrics = step(state, batch_arrays, key)
     float(metrics['loss'])
 
   start = time.perf_counter()

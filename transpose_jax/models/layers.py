@@ -73,9 +73,9 @@ class BatchNorm(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.use_running_average:
-      x32 = x.astype(jnp.float32)
-      inv = jax.lax.rsqrt(self.var[...] + self.epsilon) * self.scale[...]
-      return ((x32 - self.mean[...]) * inv + self.bias[...]).astype(self.dtype)
+      rstd = jax.lax.rsqrt(self.var[...] + self.epsilon)
+      y = _normalize(x.astype(jnp.float32), self.mean[...], rstd, self.scale[...], self.bias[...])
+      return y.astype(self.dtype)
     y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], self.epsilon)
     count = x.size // x.shape[-1]
     unbiased = var * (count / max(count - 1, 1))
@@ -86,10 +86,8 @@ class BatchNorm(nnx.Module):
     return y.astype(self.dtype)
 
 
-def _batch_stats(x32: jax.Array) -> tuple[jax.Array, jax.Array]:
-  axes = tuple(range(x32.ndim - 1))
-  mean = jnp.mean(x32, axis=axes)
-  return mean, jnp.mean(jnp.square(x32 - mean), axis=axes)
+def _normalize(x32, mean, rstd, scale, bias) -> jax.Array:
+  return (x32 - mean) * (rstd * scale) + bias
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -108,10 +106,11 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array,
 
 def _batch_norm_fwd(x, scale, bias, epsilon):
   x32 = x.astype(jnp.float32)
-  mean, var = _batch_stats(x32)
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(x32, axis=axes)
+  var = jnp.mean(jnp.square(x32 - mean), axis=axes)
   rstd = jax.lax.rsqrt(var + epsilon)
-  y = (x32 - mean) * (rstd * scale) + bias
-  return (y, mean, var), (x, mean, rstd, scale)
+  return (_normalize(x32, mean, rstd, scale, bias), mean, var), (x, mean, rstd, scale)
 
 
 def _batch_norm_bwd(epsilon, residuals, cotangents):
