@@ -98,7 +98,7 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array,
   Returns (y in float32, batch mean, biased batch variance). The gradient is
   the closed form (two reductions, sum(g) and sum(g * xhat), and one
   elementwise pass) rather than autodiff of the statistics, which left
-  XLA:CPU four to five separate reductions per BatchNorm; the sums are the
+  XLA:CPU more reductions per BatchNorm, each a separate pass; the sums are the
   same, in another order.
   """
   return _batch_norm_fwd(x, scale, bias, epsilon)[0]
