@@ -12,8 +12,11 @@ PYTEST_ARGS ?=
 JPEG_ROI := input_pipeline/_jpeg_roi.so
 # A checkout of yangsenius/TransPose: `make bench OFFICIAL=DIR` times the
 # official training step and data pipeline beside ours (needs yacs);
-# ROUNDS=3 alternates the two training steps three times (drift-robust ratio).
+# `make bench BASELINE=DIR` times another checkout of this project's training
+# step instead (e.g. `git worktree add DIR <commit>`); ROUNDS=3 alternates the
+# two training steps three times (drift-robust ratio).
 OFFICIAL ?=
+BASELINE ?=
 ROUNDS ?= 1
 
 .PHONY: install test test-slow test-all demo bench clean
@@ -28,7 +31,6 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
-	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 # JPEG region decoding for the training pipeline (input_pipeline/jpeg_roi.py);
@@ -37,7 +39,8 @@ $(JPEG_ROI): input_pipeline/_jpeg_roi.c
 	@$${CC:-gcc} -O2 -shared -fPIC $< -o $@ -ljpeg 2>/dev/null || \
 	  echo "note: $@ not built (needs gcc and libjpeg-turbo headers: apt-get install libjpeg62-turbo-dev); training decodes whole JPEGs (same crops, slower)"
 
-# The default suite (< 20 minutes on 2 cores); slow tests have their own target.
+# The default suite (< 20 minutes on 2 cores: tests/unit, tests/parity,
+# tests/integration); slow tests have their own target.
 test: install
 	$(RUN) $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
 
@@ -52,7 +55,7 @@ demo: install
 
 bench: install
 	$(RUN) $(PY) benchmarks/models.py
-	$(RUN) $(PY) benchmarks/train_step.py $(if $(OFFICIAL),--official $(OFFICIAL) --rounds $(ROUNDS))
+	$(RUN) $(PY) benchmarks/train_step.py $(if $(OFFICIAL),--official $(OFFICIAL) --rounds $(ROUNDS)) $(if $(BASELINE),--baseline $(BASELINE) --rounds $(ROUNDS))
 	$(RUN) $(PY) benchmarks/input_pipeline.py $(if $(OFFICIAL),--official $(OFFICIAL))
 
 clean:

@@ -28,15 +28,13 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from transpose_jax import config_checks
+from transpose_jax import cli
+from transpose_jax import config_schema
 from transpose_jax import sharding
+from transpose_jax.evaluation import evaluate
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                               'configs', 'tp_r_a3.py')
-
-# Before absl parses the flags: an unknown --config.key lists the valid keys.
-if __name__ == '__main__':
-  config_checks.exit_on_unknown_override(sys.argv, default_file=DEFAULT_CONFIG)
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', DEFAULT_CONFIG, 'Model / data config file (configs/*.py).',
@@ -53,11 +51,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   sharding.init_distributed()
-  from transpose_jax import evaluate  # pylint: disable=g-import-not-at-top
   try:
     metrics = evaluate.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value,
                                            _WORKDIR.value)
-  except (config_checks.ConfigError, FileNotFoundError, ValueError) as e:
+  except (config_schema.ConfigError, FileNotFoundError, ValueError) as e:
     sys.exit(f'error: {e}')
   if metrics:
     logging.info('metrics: %s', metrics)
@@ -66,4 +63,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, default_config=DEFAULT_CONFIG)

@@ -17,19 +17,16 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
-from transpose_jax import config_checks
+from transpose_jax import cli
+from transpose_jax import config_schema
 from transpose_jax import sharding
+from transpose_jax.training import trainer
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                               'configs', 'demo.py')
 DEFAULT_WORKDIR = 'runs/demo'
-
-# Before absl parses the flags: an unknown --config.key lists the valid keys.
-if __name__ == '__main__':
-  config_checks.exit_on_unknown_override(sys.argv, default_file=DEFAULT_CONFIG)
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', DEFAULT_CONFIG, 'Training config file (configs/*.py).',
@@ -42,20 +39,15 @@ _WORKDIR = flags.DEFINE_string(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # The progress bar and metrics are the output; library INFO logs (orbax
-  # writes several lines per checkpoint) only with an explicit --verbosity.
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
   sharding.init_distributed()
-  from transpose_jax import train_lib  # pylint: disable=g-import-not-at-top
   try:
-    result = train_lib.train(_CONFIG.value, _WORKDIR.value)
-  except (config_checks.ConfigError, train_lib.NonFiniteLossError,
-          train_lib.WorkdirMismatchError) as e:
+    result = trainer.train(_CONFIG.value, _WORKDIR.value)
+  except (config_schema.ConfigError, trainer.NonFiniteLossError,
+          trainer.WorkdirMismatchError) as e:
     sys.exit(f'error: {e}')
   if result.preempted:
-    sys.exit(train_lib.PREEMPTED_EXIT_CODE)
+    sys.exit(trainer.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, default_config=DEFAULT_CONFIG)

@@ -1,38 +1,38 @@
-"""Encoder attention with dropout, forward + backward: hand-written vs autodiff gradient.
+"""Encoder attention with dropout, forward + backward: CPU kernel vs reference kernel.
 
     python benchmarks/attention.py [--variants tp_r_a3,tp_h_s] [--batch 8] [--repeats 3]
 
 For each variant's attention shape ([batch, heads, L, L] with L the encoder's
 token count) it times one jitted value-and-gradient of
 `dropout(softmax(q k^T)) v` at the variant's dropout rate, float32: once
-through `models.attention.softmax_attention` (the training path) and once
-as plain autodiff of the same formula (what `MultiheadAttention` computes
-when it returns its weights). Reported: the best of `--repeats` calls after
-a warm-up, per encoder layer, and the largest relative gradient difference.
+through `kernels.cpu.attention` (the hand-written gradient CPU training
+uses) and once through `kernels.reference.attention` (plain autodiff, what
+accelerators use). Reported: the best of `--repeats` calls after a warm-up,
+per encoder layer, and the largest relative gradient difference.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import platform
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from transpose_jax.kernels import xla_cpu  # noqa: E402
+
+xla_cpu.configure()  # an entry point: before JAX starts its CPU backend
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from transpose_jax.checkpoints import official  # noqa: E402
+from transpose_jax.kernels import cpu, reference  # noqa: E402
 from transpose_jax.models import hrnet, layers, resnet  # noqa: E402
-from transpose_jax.models.attention import attention_with_weights, softmax_attention  # noqa: E402
 
 VARIANTS = ('tp_r_a3', 'tp_r_a4', 'tp_h_s', 'tp_h_a4', 'tp_h_a6')
-
-
-def autodiff_attention(q, k, v, keep_mask, keep_prob):
-  return attention_with_weights(q, k, v, keep_mask, keep_prob)[0]
 
 
 def best_time(fn, args, repeats: int) -> tuple[float, object]:
@@ -47,7 +47,7 @@ def best_time(fn, args, repeats: int) -> tuple[float, object]:
 
 
 def measure(variant: str, batch: int, repeats: int) -> dict:
-  model = importlib.import_module(f'configs.{variant}').get_config().model
+  model = official.variant_config(variant).model
   stride = (resnet.ResNetS if model.name == 'transpose_r' else hrnet.HRNetS).stride
   length = (model.image_size[0] // stride) * (model.image_size[1] // stride)
   heads, head_dim = model.n_head, model.d_model // model.n_head
@@ -56,14 +56,14 @@ def measure(variant: str, batch: int, repeats: int) -> dict:
                                 jnp.float32) for _ in range(4))
   rate = model.dropout
   times, grads = {}, {}
-  for name, attention in (('hand-written', softmax_attention), ('autodiff', autodiff_attention)):
+  for name, attention in (('cpu', cpu.attention), ('reference', reference.attention)):
     def loss(q, k, v, key, attention=attention):
       mask = layers.dropout_keep_mask(key, (batch, heads, length, length), rate)
       return jnp.sum(attention(q, k, v, mask, 1.0 - rate) * probe)
     step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     times[name], grads[name] = best_time(step, (q, k, v, jax.random.key(0)), repeats)
   diff = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-             for a, b in zip(grads['hand-written'], grads['autodiff']))
+             for a, b in zip(grads['cpu'], grads['reference']))
   return dict(variant=variant, shape=(batch, heads, length, length), times=times, diff=diff)
 
 
@@ -76,14 +76,14 @@ def main(argv=None) -> None:
   print(f'# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; '
         f'{jax.devices()[0].device_kind}; jax {jax.__version__}; '
         f'LD_PRELOAD={os.environ.get("LD_PRELOAD", "")!r}', flush=True)
-  print('| variant | weights [N, heads, L, L] | autodiff (s) | hand-written (s) | speed-up '
+  print('| variant | weights [N, heads, L, L] | reference (s) | cpu (s) | speed-up '
         '| max rel. gradient difference |')
   print('|---|---|---|---|---|---|', flush=True)
   for variant in args.variants.split(','):
     r = measure(variant, args.batch, args.repeats)
     t = r['times']
-    print(f"| {variant} | {list(r['shape'])} | {t['autodiff']:.3f} | {t['hand-written']:.3f} | "
-          f"{t['autodiff'] / t['hand-written']:.2f}x | {r['diff']:.1e} |", flush=True)
+    print(f"| {variant} | {list(r['shape'])} | {t['reference']:.3f} | {t['cpu']:.3f} | "
+          f"{t['reference'] / t['cpu']:.2f}x | {r['diff']:.1e} |", flush=True)
 
 
 if __name__ == '__main__':

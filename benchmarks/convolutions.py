@@ -2,13 +2,13 @@
 
     python benchmarks/convolutions.py [--batch 8] [--repeats 7]
 
-`transpose_jax.xla_cpu` keeps XLA:CPU's convolutions on its Eigen kernels
-instead of YNNPACK (the jaxlib 0.10 default). This times one 3x3 stride-1
-convolution per backbone width, float32, through `models.layers.conv2d`:
-forward, input gradient and kernel gradient, each jitted alone, best of
-`--repeats` calls after a warm-up. Each back end runs in its own process
-because the choice is made when JAX starts. Eigen is the package default;
-YNNPACK is selected with TRANSPOSE_JAX_YNNPACK_CONV=1.
+`transpose_jax.kernels.xla_cpu` keeps XLA:CPU's convolutions on its Eigen
+kernels instead of YNNPACK (the jaxlib 0.10 default). This times one 3x3
+stride-1 convolution per backbone width, float32, through
+`kernels.cpu.conv2d`: forward, input gradient and kernel gradient, each
+jitted alone, best of `--repeats` calls after a warm-up. Each back end runs
+in its own process because the choice is made when JAX starts. Eigen is what
+the entry points set; YNNPACK is selected with TRANSPOSE_JAX_YNNPACK_CONV=1.
 """
 
 from __future__ import annotations
@@ -35,13 +35,17 @@ SHAPES = (
 
 def worker(batch: int, repeats: int) -> None:
   """Prints one JSON line per shape: its three timings in ms."""
+  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, ROOT)
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from benchmarks.attention import best_time  # pylint: disable=g-import-not-at-top
-  from transpose_jax.models import layers  # pylint: disable=g-import-not-at-top
+  from transpose_jax.kernels import xla_cpu
+  xla_cpu.configure()  # this process is an entry point, before JAX starts
+  import jax
+  import numpy as np
+  from benchmarks.attention import best_time
+  from transpose_jax.kernels import cpu
+  # pylint: enable=g-import-not-at-top
   pad = ((1, 1), (1, 1))
-  conv = lambda x, k: layers.conv2d(x, k, 1, pad)
+  conv = lambda x, k: cpu.conv2d(x, k, 1, pad)
   forward = jax.jit(conv)
   grad_x = jax.jit(lambda x, k, g: jax.vjp(lambda a: conv(a, k), x)[1](g)[0])
   grad_k = jax.jit(lambda x, k, g: jax.vjp(lambda b: conv(x, b), k)[1](g)[0])

@@ -50,9 +50,9 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from configs import tp_r_a3  # pylint: disable=g-import-not-at-top
+from transpose_jax.configs import tp_r_a3  # pylint: disable=g-import-not-at-top
 # pylint: disable=g-import-not-at-top
-from input_pipeline import datasets, jpeg_roi, pipeline, targets, transforms
+from transpose_jax.input_pipeline import datasets, images, jpeg_roi, pipeline, targets, transforms
 
 OFFICIAL_SAMPLES_PER_S = 240.0
 
@@ -116,7 +116,7 @@ def _cost_split(config, split, n: int) -> dict[str, float]:
     if crop.shape[2] == 4:  # RGBX decode (faster warp), as TrainSample does
       crop = cv2.cvtColor(crop, cv2.COLOR_RGBA2RGB)
     t4 = time.perf_counter()
-    full = pipeline.decode_image(source.data, source.name)
+    full = images.decode_image(source.data, source.name)
     if flipped:
       full = cv2.flip(full, 1)
     t5 = time.perf_counter()

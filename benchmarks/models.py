@@ -22,13 +22,20 @@ import statistics
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-from transpose_jax import convert, evaluate  # noqa: E402
+from transpose_jax.kernels import xla_cpu  # noqa: E402
+
+xla_cpu.configure()  # an entry point: before JAX starts its CPU backend
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from transpose_jax import kernels  # noqa: E402
+from transpose_jax import models  # noqa: E402
+from transpose_jax.checkpoints import official  # noqa: E402
+from transpose_jax.evaluation import forward  # noqa: E402
 
 PAPER = {  # name, #params, GFLOPs, AP val (GT boxes) from the paper / official README
     'tp_r_a3': ('TransPose-R-A3', '5.2M', 8.0, 73.8),
@@ -40,37 +47,40 @@ PAPER = {  # name, #params, GFLOPs, AP val (GT boxes) from the paper / official 
 
 
 def measure(variant: str, batches, repeats: int, eval_batch: int = 32) -> dict:
-  config = convert.variant_config(variant)
-  model = convert.TransPose(config.model, rngs=nnx.Rngs(0))
+  config = official.variant_config(variant)
+  model = models.build(config.model)
   model.eval()
   trainable = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   table = model.pos_embedding.get_value().size if config.model.pos_embedding == 'sine' else 0
   graphdef, state = nnx.split(model)
 
+  platform = kernels.current_platform()
+
   @jax.jit
-  def forward(state, images):
-    return nnx.merge(graphdef, state)(images)
+  def run(state, images):
+    with kernels.lowering_for(platform):
+      return nnx.merge(graphdef, state)(images)
 
   h, w = config.model.image_size
   one = jnp.zeros((1, h, w, 3), jnp.float32)
-  cost = forward.lower(state, one).compile().cost_analysis()
+  cost = run.lower(state, one).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost['flops'])
   throughput = {}
   for batch in batches:
     images = jax.random.normal(jax.random.key(0), (batch, h, w, 3))
-    forward(state, images).block_until_ready()
+    run(state, images).block_until_ready()
     times = []
     for _ in range(repeats):
       start = time.perf_counter()
-      forward(state, images).block_until_ready()
+      run(state, images).block_until_ready()
       times.append(time.perf_counter() - start)
     throughput[batch] = batch / statistics.median(times)
   # Evaluation as eval.py runs it: uint8 crops, on-device normalisation, flip test.
   crops = np.random.default_rng(0).integers(0, 256, (eval_batch, h, w, 3), dtype=np.uint8)
-  evaluate.predict_heatmaps(model, crops, config, batch_size=eval_batch)
+  forward.predict_heatmaps(model, crops, flip_test=True, batch_size=eval_batch)
   start = time.perf_counter()
-  evaluate.predict_heatmaps(model, crops, config, batch_size=eval_batch)
+  forward.predict_heatmaps(model, crops, flip_test=True, batch_size=eval_batch)
   eval_rate = eval_batch / (time.perf_counter() - start)
   return dict(trainable=trainable, with_table=trainable + table, gflops=flops / 1e9,
               throughput=throughput, eval_rate=eval_rate)

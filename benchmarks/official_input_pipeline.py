@@ -80,7 +80,7 @@ def _official_dataset(official_dir: str, records):
 def measure(official_dir: str, shared: str, samples: int) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, str(ROOT))
-  from input_pipeline import datasets  # pylint: disable=g-import-not-at-top
+  from transpose_jax.input_pipeline import datasets  # pylint: disable=g-import-not-at-top
   sample = os.path.join(shared, 'data', 'coco_sample')
   split = datasets.load_coco(None, 'val2017', is_train=True,
                              annotation_file=os.path.join(sample, 'test_coco.json'),

@@ -2,18 +2,18 @@
 
 `python train.py` with no flags trains this config in runs/demo. The data is
 generated once from `config.seed` into the cache folder
-(`transpose_jax.synthetic.default_cache_dir()`), then read by the real COCO
+(`transpose_jax.input_pipeline.synthetic.default_cache_dir()`), then read by the real COCO
 readers and scored by the real COCO keypoint evaluation.
 
 The sizes are chosen for a CPU: a narrow ResNet-S, a 2-layer encoder and
 128x96 crops (the real recipes use 256x192).
 """
 
-from configs import default
+from transpose_jax import config_schema
 
 
 def get_config():
-  config = default.get_config()
+  config = config_schema.defaults()
   config.variant = 'demo'
   m = config.model
   m.name = 'transpose_r'

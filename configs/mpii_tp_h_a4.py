@@ -20,7 +20,7 @@ configs/tp_h_a4.py):
       --config.init_from=tp_h_48_256x192_enc4_d96_h192_mh1.pth
 """
 
-from configs import tp_h_a4
+from transpose_jax.configs import tp_h_a4
 
 
 def get_config():

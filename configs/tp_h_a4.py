@@ -15,11 +15,11 @@ Evaluate the official weights (GT boxes; add
   python eval.py --config=configs/tp_h_a4.py --checkpoint=tp_h_48_256x192_enc4_d96_h192_mh1.pth --workdir=runs/tp_h_a4_eval --config.data.root=data/coco
 """
 
-from configs import default
+from transpose_jax import config_schema
 
 
 def get_config():
-  config = default.get_config()
+  config = config_schema.defaults()
   config.variant = 'tp_h_a4'
   config.model.name = 'transpose_h'
   config.model.d_model = 96

@@ -15,11 +15,11 @@ Evaluate the official weights (GT boxes; add
   python eval.py --config=configs/tp_r_a3.py --checkpoint=tp_r_256x192_enc3_d256_h1024_mh8.pth --workdir=runs/tp_r_a3_eval --config.data.root=data/coco
 """
 
-from configs import default
+from transpose_jax import config_schema
 
 
 def get_config():
-  config = default.get_config()
+  config = config_schema.defaults()
   config.variant = 'tp_r_a3'
   config.model.name = 'transpose_r'
   config.model.d_model = 256

@@ -8,7 +8,7 @@ Train:
   python train.py --config=configs/tp_r_a3_bilinear.py --workdir=runs/tp_r_a3_bilinear --config.data.root=data/coco
 """
 
-from configs import tp_r_a3
+from transpose_jax.configs import tp_r_a3
 
 
 def get_config():

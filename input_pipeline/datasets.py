@@ -44,18 +44,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from input_pipeline import transforms
+from transpose_jax import keypoints
+from transpose_jax.input_pipeline import images
+from transpose_jax.input_pipeline import transforms
 
 logger = logging.getLogger(__name__)
 
-COCO_NUM_JOINTS = 17
-MPII_NUM_JOINTS = 16
 # Official TransPose crops are 192x256 (w x h).
 DEFAULT_ASPECT_RATIO = 192 / 256
-
-
-class BadSampleError(ValueError):
-  """A sample that cannot be cropped faithfully (with fail_on_bad_sample)."""
 
 
 @dataclasses.dataclass
@@ -118,7 +114,7 @@ def _report_skipped(skipped: list[str], source: str,
   shown = '; '.join(skipped[:10]) + (' ...' if len(skipped) > 10 else '')
   message = f'{source}: {len(skipped)} impossible box(es) skipped: {shown}'
   if fail_on_bad_sample:
-    raise BadSampleError(message + ' (data.fail_on_bad_sample is set)')
+    raise images.BadSampleError(message + ' (data.fail_on_bad_sample is set)')
   logger.warning(message)
 
 
@@ -156,7 +152,7 @@ def _clean_box(bbox, width: int, height: int):
 
 def load_coco(root: str | None, split: str, *, is_train: bool,
               use_gt_bbox: bool = True, detection_file: str = '',
-              image_thre: float = 0.0, num_joints: int = COCO_NUM_JOINTS,
+              image_thre: float = 0.0, num_joints: int = keypoints.COCO.num_joints,
               annotation_file: str | None = None,
               image_dir: str | None = None,
               aspect_ratio: float = DEFAULT_ASPECT_RATIO,
@@ -279,8 +275,8 @@ def load_coco(root: str | None, split: str, *, is_train: bool,
               len(skipped))
   return KeypointSplit(
       name='coco', records=records, annotation_file=annotation_file,
-      image_dir=image_dir, flip_pairs=transforms.COCO_FLIP_PAIRS,
-      num_joints=num_joints, upper_body_ids=transforms.COCO_UPPER_BODY_IDS,
+      image_dir=image_dir, flip_pairs=keypoints.COCO.flip_pairs,
+      num_joints=num_joints, upper_body_ids=keypoints.COCO.upper_body,
       aspect_ratio=aspect_ratio, num_skipped=len(skipped))
 
 
@@ -290,7 +286,7 @@ def _image_id(name: str, fallback: int) -> int:
 
 
 def load_mpii(root: str | None, split: str, *, is_train: bool,
-              num_joints: int = MPII_NUM_JOINTS,
+              num_joints: int = keypoints.MPII.num_joints,
               annotation_file: str | None = None,
               image_dir: str | None = None,
               fail_on_bad_sample: bool = False) -> KeypointSplit:
@@ -360,6 +356,6 @@ def load_mpii(root: str | None, split: str, *, is_train: bool,
     raise ValueError(f'{annotation_file}: the split has no usable record')
   return KeypointSplit(
       name='mpii', records=records, annotation_file=annotation_file,
-      image_dir=image_dir, flip_pairs=transforms.MPII_FLIP_PAIRS,
-      num_joints=num_joints, upper_body_ids=transforms.MPII_UPPER_BODY_IDS,
+      image_dir=image_dir, flip_pairs=keypoints.MPII.flip_pairs,
+      num_joints=num_joints, upper_body_ids=keypoints.MPII.upper_body,
       aspect_ratio=None, num_skipped=len(skipped))

@@ -18,8 +18,9 @@ continues exactly where the saved one stopped.
 
 Batch layout (numpy, one dict per step and process):
   'image'         uint8   [b, H, W, 3]  RGB crop, NOT normalised: the device
-                                        calls `normalize_images` (ImageNet
-                                        mean/std) so the host ships 4x less.
+                                        calls `models.normalize_images`
+                                        (ImageNet mean/std) so the host ships
+                                        4x less.
   'target'        float32 [b, h, w, K]  heatmaps, channels last (= model NHWC
                                         output); the official layout is
                                         [b, K, h, w].
@@ -41,8 +42,8 @@ orbax, register grain's handler and save it beside the model::
 (grain writes one `process_{i}-of-{n}.json` per process.)
 
 Bad samples: an image that is missing, unreadable or truncated is counted
-(`bad_sample_count()`, per process) and reported in a warning naming the
-file. In training it is REPLACED deterministically by the next record
+(`images.bad_sample_count()`, per process) and reported in a warning naming
+the file. In training it is REPLACED deterministically by the next record
 ((index + 1) mod N, then + 2, ... up to 16 tries) with the same random draws,
 so batch shapes and the worker-count independence are kept. In evaluation the
 crop is left black with mask False (no prediction must be kept for it).
@@ -67,90 +68,21 @@ import cv2
 import grain
 import numpy as np
 
-from input_pipeline import datasets
-from input_pipeline import jpeg_roi
-from input_pipeline import targets as targets_lib
-from input_pipeline import transforms
+from transpose_jax import config_schema
+from transpose_jax.input_pipeline import datasets
+from transpose_jax.input_pipeline import images
+from transpose_jax.input_pipeline import jpeg_roi
+from transpose_jax.input_pipeline import splits
+from transpose_jax.input_pipeline import targets as targets_lib
+from transpose_jax.input_pipeline import transforms
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 # How many following records are tried in place of an unreadable one.
 _MAX_REPLACEMENTS = 16
 # Decoding runs in parallel threads (OpenCV releases the GIL); parallelism
 # across cores comes from the worker processes or these threads.
 _READ_THREADS = 2
-
-_bad_samples = 0
-
-
-def bad_sample_count() -> int:
-  """Bad images met so far in this process (workers count their own)."""
-  return _bad_samples
-
-
-def normalize_images(images):
-  """uint8 RGB [..., 3] -> float32 (x / 255 - ImageNet mean) / std.
-
-  Works on numpy and jax arrays (jax in -> jax out); bit-identical to the
-  official ToTensor + Normalize in float32.
-  """
-  x = images.astype(np.float32) / np.float32(255)
-  return (x - IMAGENET_MEAN) / IMAGENET_STD
-
-
-# ----------------------------------------------------------------- images
-
-
-class BadImageError(datasets.BadSampleError):
-  """An image that is missing, unreadable or truncated."""
-
-
-def _looks_truncated(data: bytes) -> bool:
-  """True if a JPEG/PNG stream lacks its end marker (cv2 would pad it grey)."""
-  if data[:2] == b'\xff\xd8':
-    # Some writers append padding after EOI: look near the end.
-    return b'\xff\xd9' not in data[-1024:]
-  if data[:8] == b'\x89PNG\r\n\x1a\n':
-    return b'IEND' not in data[-32:]
-  return False
-
-
-def _check_encoded(data: bytes, name: str) -> None:
-  """Raises BadImageError for empty or truncated encoded data."""
-  if not data:
-    raise BadImageError(f'image {name!r} is empty')
-  if _looks_truncated(data):
-    raise BadImageError(f'image {name!r} is truncated (no end marker)')
-
-
-def decode_image(data: bytes, name: str) -> np.ndarray:
-  """Encoded bytes -> RGB uint8 [H, W, 3], as cv2.imread + BGR2RGB would.
-
-  Raises:
-    BadImageError: empty, undecodable or truncated data.
-  """
-  _check_encoded(data, name)
-  image = cv2.imdecode(np.frombuffer(data, np.uint8),
-                       cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
-  if image is None:
-    raise BadImageError(f'image {name!r} cannot be decoded')
-  return image
-
-
-def read_image_data(path: str) -> bytes:
-  """The encoded bytes of an image file (BadImageError if unreadable)."""
-  try:
-    with open(path, 'rb') as f:
-      return f.read()
-  except OSError as e:
-    raise BadImageError(f'image {path!r} cannot be read: {e}') from e
-
-
-def read_image(path: str) -> np.ndarray:
-  """Reads and decodes an image file to RGB uint8 (see decode_image)."""
-  return decode_image(read_image_data(path), path)
 
 
 class EncodedJpeg:
@@ -171,7 +103,7 @@ def load_source(table, i: int) -> np.ndarray | EncodedJpeg:
   decoded RGB image.
 
   Raises:
-    BadImageError: unreadable, empty, truncated or undecodable image.
+    images.BadImageError: unreadable, empty, truncated or undecodable image.
   """
   image_data = getattr(table, 'image_data', None)
   if image_data is None or not jpeg_roi.available():
@@ -179,10 +111,10 @@ def load_source(table, i: int) -> np.ndarray | EncodedJpeg:
   data, name = image_data(i)
   if not isinstance(data, bytes):
     data = bytes(data)
-  _check_encoded(data, name)
+  images.check_encoded(data, name)
   size = jpeg_roi.header(data)
   if size is None:  # not a JPEG, or one the fast path leaves to cv2
-    return decode_image(data, name)
+    return images.decode_image(data, name)
   return EncodedJpeg(data, name, *size)
 
 
@@ -199,15 +131,6 @@ def _set_rng_state(rng, state) -> None:
     bit_generator.state = state
   else:
     vars(rng).update(copy.deepcopy(state))
-
-
-def _bad_sample(error: Exception, fail: bool) -> None:
-  global _bad_samples
-  _bad_samples += 1
-  if fail:
-    raise datasets.BadSampleError(
-        f'{error} (data.fail_on_bad_sample is set)') from error
-  logger.warning('skipping bad sample #%d: %s', _bad_samples, error)
 
 
 # ---------------------------------------------------------------- records
@@ -241,12 +164,12 @@ class RecordTable:
                 score=self.scores[i])
 
   def image(self, i: int) -> np.ndarray:
-    return read_image(self.image_paths[i])
+    return images.read_image(self.image_paths[i])
 
   def image_data(self, i: int) -> tuple[bytes, str]:
     """(encoded bytes, name for messages) of image i."""
     path = self.image_paths[i]
-    return read_image_data(path), path
+    return images.read_image_data(path), path
 
 
 def _make_table(split: datasets.KeypointSplit):
@@ -292,7 +215,7 @@ def crop_spec(config, split: datasets.KeypointSplit) -> CropSpec:
     raise ValueError(
         f'{split.annotation_file} boxes were converted with aspect ratio '
         f'{split.aspect_ratio} but config.model.image_size {h}x{w} needs '
-        f'{w / h}: build the split with build_split(config, ...)')
+        f'{w / h}: build the split with splits.build_split(config, ...)')
   if not d.color_rgb:
     raise ValueError('data.color_rgb=False (BGR crops) is not supported')
   return CropSpec(
@@ -342,11 +265,6 @@ def augment(record: dict[str, Any], image_width: int, spec: CropSpec,
   return center, scale, rot, flipped, joints, joints_vis
 
 
-def warp(image: np.ndarray, center, scale, rot, spec: CropSpec) -> np.ndarray:
-  trans = transforms.get_affine_transform(center, scale, rot, spec.image_wh)
-  return cv2.warpAffine(image, trans, spec.image_wh, flags=cv2.INTER_LINEAR)
-
-
 @functools.lru_cache(maxsize=None)
 def _four_channel_warp_is_exact() -> bool:
   """Whether cv2.warpAffine of an RGBX image gives exactly the RGB result.
@@ -366,8 +284,8 @@ def _four_channel_warp_is_exact() -> bool:
     rot = float(rng.uniform(-90, 90)) if k % 3 else 0
     trans = transforms.get_affine_transform(center.astype(np.float32), scale,
                                             rot, size)
-    want = cv2.warpAffine(rgb, trans, size, flags=cv2.INTER_LINEAR)
-    got = cv2.warpAffine(image, trans, size, flags=cv2.INTER_LINEAR)
+    want = transforms.warp_affine(rgb, trans, size)
+    got = transforms.warp_affine(image, trans, size)
     if not np.array_equal(cv2.cvtColor(got, cv2.COLOR_RGBA2RGB), want):
       logger.info('cv2.warpAffine differs on 4 channels: using 3')
       return False
@@ -387,7 +305,7 @@ def _decode_for_warp(source: EncodedJpeg, trans: np.ndarray, flipped: bool,
   image = jpeg_roi.decode_region(source.data, w, h, (x0, y0, x1, y1),
                                  channels)
   if image is None:  # a stream the fast path does not handle: decode it all
-    image = decode_image(source.data, source.name)
+    image = images.decode_image(source.data, source.name)
     return cv2.flip(image, 1) if flipped else image
   if flipped and x0 < x1 and y0 < y1:
     # Mirror the decoded box into place; the rest is never read.
@@ -401,7 +319,7 @@ def _warp_source(source: np.ndarray | EncodedJpeg, trans: np.ndarray,
     image = _decode_for_warp(source, trans, flipped, spec)
   else:
     image = cv2.flip(source, 1) if flipped else source
-  out = cv2.warpAffine(image, trans, spec.image_wh, flags=cv2.INTER_LINEAR)
+  out = transforms.warp_affine(image, trans, spec.image_wh)
   if isinstance(source, EncodedJpeg) and out.shape[2] == 4:  # RGBX decode
     out = cv2.cvtColor(out, cv2.COLOR_RGBA2RGB)
   return out
@@ -466,11 +384,11 @@ class TrainSample:
     for k in range(_MAX_REPLACEMENTS + 1):
       try:
         return self._sample((index + k) % n, rng)
-      except BadImageError as e:
-        _bad_sample(e, self.fail)
+      except images.BadImageError as e:
+        images.report_bad_sample(e, self.fail)
         # The replacement gets the same random draws.
         _set_rng_state(rng, state)
-    raise datasets.BadSampleError(
+    raise images.BadSampleError(
         f'records {index}..{index + _MAX_REPLACEMENTS} (mod {n}) are all '
         'unreadable: check the image folder')
 
@@ -488,41 +406,9 @@ class AddTargets:
     return dict(image=batch['image'], target=target, target_weight=weight)
 
 
-# ----------------------------------------------------------------- splits
-
-
-def build_split(config, *, train: bool) -> datasets.KeypointSplit:
-  """The KeypointSplit config.data describes (coco | mpii, files | tfds)."""
-  d = config.data
-  split = d.train_split if train else d.val_split
-  if d.get('source', 'files') == 'tfds':
-    from input_pipeline import tfds_builders  # pylint: disable=g-import-not-at-top
-    return tfds_builders.load_split(config, train=train)
-  if d.source != 'files':
-    raise ValueError(f"data.source must be 'files' or 'tfds', got {d.source!r}")
-  h, w = config.model.image_size
-  if d.dataset == 'coco':
-    return datasets.load_coco(
-        d.root, split, is_train=train, use_gt_bbox=d.use_gt_bbox,
-        detection_file=d.detection_file, image_thre=d.image_thre,
-        num_joints=config.model.num_joints, aspect_ratio=w / h,
-        fail_on_bad_sample=d.fail_on_bad_sample)
-  if d.dataset == 'mpii':
-    return datasets.load_mpii(d.root, split, is_train=train,
-                              num_joints=config.model.num_joints,
-                              fail_on_bad_sample=d.fail_on_bad_sample)
-  raise ValueError(f"data.dataset must be 'coco' or 'mpii', got {d.dataset!r}")
-
-
-def _process(process_index, process_count) -> tuple[int, int]:
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
+def _check_process(process_index: int, process_count: int) -> None:
   if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} not in [0, '
-                     f'{process_count})')
-  return process_index, process_count
+    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
 
 
 def _read_options(config) -> grain.ReadOptions:
@@ -573,27 +459,24 @@ def train_indices(num_records: int, seed: int) -> grain.MapDataset:
   return grain.MapDataset.range(num_records).seed(seed).shuffle().repeat(None)
 
 
-def make_train_loader(config, *, process_index: int | None = None,
-                      process_count: int | None = None,
+def make_train_loader(config, *, process_index: int, process_count: int,
                       split: datasets.KeypointSplit | None = None
                       ) -> TrainLoader:
   """Training loader of this process (local batch = batch_size / processes).
 
   Args:
     config: the project config (config.data, config.model, batch_size, seed).
-    process_index: defaults to jax.process_index().
-    process_count: defaults to jax.process_count().
-    split: an already loaded training split (default: build_split).
+    process_index: this process (jax.process_index() in a multi-host run).
+    process_count: processes reading the data (jax.process_count()).
+    split: an already loaded training split (default: `splits.build_split`).
 
   Returns:
     A TrainLoader; see the module docstring for the batch layout.
   """
-  process_index, process_count = _process(process_index, process_count)
-  if config.batch_size % process_count:
-    raise ValueError(f'batch_size {config.batch_size} is not divisible by '
-                     f'{process_count} processes')
+  _check_process(process_index, process_count)
+  config_schema.check_batch_size(config.batch_size, process_count=process_count)
   local_batch = config.batch_size // process_count
-  split = build_split(config, train=True) if split is None else split
+  split = splits.build_split(config, train=True) if split is None else split
   spec = crop_spec(config, split)
   table = _make_table(split)
   ds = train_indices(len(table), int(config.seed)).random_map(
@@ -636,8 +519,8 @@ class EvalSample:
     try:
       out['image'] = crop(load_source(self.table, index), record['center'],
                           record['scale'], 0, False, self.spec)
-    except BadImageError as e:
-      _bad_sample(e, self.fail)
+    except images.BadImageError as e:
+      images.report_bad_sample(e, self.fail)
       return out
     out['mask'] = np.bool_(True)
     return out
@@ -666,16 +549,16 @@ def eval_positions(num_records: int, batch_size: int, process_index: int,
 
 
 def make_eval_loader(config, split_data: datasets.KeypointSplit, *,
-                     batch_size: int, process_index: int | None = None,
-                     process_count: int | None = None) -> EvalLoader:
+                     batch_size: int, process_index: int,
+                     process_count: int) -> EvalLoader:
   """Test-mode crops of split_data for this process.
 
   Args:
     config: the project config.
-    split_data: the evaluation split (build_split(config, train=False)).
+    split_data: the evaluation split (splits.build_split(config, train=False)).
     batch_size: LOCAL batch size (per process).
-    process_index: defaults to jax.process_index().
-    process_count: defaults to jax.process_count().
+    process_index: this process (jax.process_index() in a multi-host run).
+    process_count: processes sharing the evaluation (jax.process_count()).
 
   Returns:
     An EvalLoader yielding dicts: 'image' uint8 [b, H, W, 3], 'center'
@@ -683,7 +566,7 @@ def make_eval_loader(config, split_data: datasets.KeypointSplit, *,
     int64 [b], 'index' int64 [b] (into split_data.records, -1 on padding),
     'mask' bool [b] (False on padding and unreadable images).
   """
-  process_index, process_count = _process(process_index, process_count)
+  _check_process(process_index, process_count)
   spec = crop_spec(config, split_data)
   table = _make_table(split_data)
   offset, per_process, num_batches = eval_positions(

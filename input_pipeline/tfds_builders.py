@@ -7,7 +7,7 @@ image bytes; no TensorFlow is needed to write or read them.
 
 Build (once, on a machine that has the raw data)::
 
-  from input_pipeline import tfds_builders
+  from transpose_jax.input_pipeline import tfds_builders
   tfds_builders.build_coco('/data/tfds', root='/data/coco',
                            splits=('train2017', 'val2017'),
                            detection_file='/data/coco/person_detection_results/'
@@ -37,9 +37,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 
-from input_pipeline import datasets
-from input_pipeline import pipeline
-from input_pipeline import transforms
+from transpose_jax import keypoints
+from transpose_jax.input_pipeline import datasets
+from transpose_jax.input_pipeline import images
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +114,9 @@ class _KeypointsBuilder(tfds.core.GeneratorBasedBuilder):
       try:
         with open(r['image_path'], 'rb') as f:
           data = f.read()
-        pipeline.decode_image(data, r['image_path'])  # reject bad images now
-      except (OSError, pipeline.BadImageError) as e:
-        pipeline._bad_sample(e, self._fail)  # pylint: disable=protected-access
+        images.decode_image(data, r['image_path'])  # reject bad images now
+      except (OSError, images.BadImageError) as e:
+        images.report_bad_sample(e, self._fail)
         continue
       yield i, dict(
           image=data, image_path=r['image_path'], image_id=r['image_id'],
@@ -128,7 +128,7 @@ class _KeypointsBuilder(tfds.core.GeneratorBasedBuilder):
 
 class CocoKeypoints(_KeypointsBuilder):
   """COCO person keypoints, one record per person box (official records)."""
-  NUM_JOINTS = datasets.COCO_NUM_JOINTS
+  NUM_JOINTS = keypoints.COCO.num_joints
   GEOMETRY_DTYPE = np.float32  # official COCO center/scale dtype
 
   def _load(self, spec):
@@ -137,7 +137,7 @@ class CocoKeypoints(_KeypointsBuilder):
 
 class MpiiKeypoints(_KeypointsBuilder):
   """MPII human pose (HRNet json), one record per person."""
-  NUM_JOINTS = datasets.MPII_NUM_JOINTS
+  NUM_JOINTS = keypoints.MPII.num_joints
   GEOMETRY_DTYPE = np.float64  # official MPII center/scale dtype
 
   def _load(self, spec):
@@ -238,7 +238,7 @@ class TfdsRecords(Sequence):
         area=float(r['area']))
 
   def image(self, i: int) -> np.ndarray:
-    return pipeline.decode_image(*self.image_data(i))
+    return images.decode_image(*self.image_data(i))
 
   def image_data(self, i: int) -> tuple[bytes, str]:
     """(encoded bytes, name for messages) of image i."""
@@ -284,13 +284,10 @@ def load_split(config, *, train: bool) -> datasets.KeypointSplit:
   if not len(records):  # pylint: disable=g-explicit-length-test
     raise ValueError(f'{builder.data_dir} split {split!r} is empty')
   meta = builder.info.metadata or {}
-  is_coco = d.dataset == 'coco'
+  joints = keypoints.by_name(d.dataset)
   return datasets.KeypointSplit(
       name=d.dataset, records=records,
       annotation_file=str(meta.get(f'{split}/annotation_file', '')),
       image_dir=str(builder.data_dir), num_joints=builder_cls.NUM_JOINTS,
-      flip_pairs=(transforms.COCO_FLIP_PAIRS if is_coco
-                  else transforms.MPII_FLIP_PAIRS),
-      upper_body_ids=(transforms.COCO_UPPER_BODY_IDS if is_coco
-                      else transforms.MPII_UPPER_BODY_IDS),
+      flip_pairs=joints.flip_pairs, upper_body_ids=joints.upper_body,
       aspect_ratio=meta.get(f'{split}/aspect_ratio'))

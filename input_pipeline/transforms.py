@@ -1,4 +1,4 @@
-"""Top-down crop geometry: affine matrices, box -> (center, scale), flips.
+"""Top-down crop geometry: affine matrices, box -> (center, scale), flips, the warp.
 
 Semantics follow the official TransPose / HRNet code (`lib/utils/transforms.py`,
 `COCODataset._xywh2cs`, `JointsDataset.half_body_transform`), including its
@@ -21,18 +21,12 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from transpose_jax import keypoints
+
 PIXEL_STD = 200.0
 # Box padding applied by the official _xywh2cs and half-body enlargement.
 BOX_PADDING = 1.25
 HALF_BODY_PADDING = 1.5
-
-# 0-based left/right joint pairs (official COCODataset / MPIIDataset).
-COCO_FLIP_PAIRS = ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14),
-                   (15, 16))
-MPII_FLIP_PAIRS = ((0, 5), (1, 4), (2, 3), (10, 15), (11, 14), (12, 13))
-# Joints counted as "upper body" by the half-body augmentation.
-COCO_UPPER_BODY_IDS = tuple(range(11))
-MPII_UPPER_BODY_IDS = (7, 8, 9, 10, 11, 12, 13, 14, 15)
 
 
 def _rotate(point: Sequence[float], rot_rad) -> np.ndarray:
@@ -120,6 +114,16 @@ def _destination_points(dst_w, dst_h) -> np.ndarray:
     return _destination_points_cached.__wrapped__(dst_w, dst_h)
 
 
+def warp_affine(image: np.ndarray, trans: np.ndarray, output_wh) -> np.ndarray:
+  """The official crop warp: `cv2.warpAffine`, bilinear, black border."""
+  return cv2.warpAffine(image, trans, tuple(int(v) for v in output_wh), flags=cv2.INTER_LINEAR)
+
+
+def crop(image: np.ndarray, center, scale, rot, output_wh) -> np.ndarray:
+  """The (center, scale, rot) box of `image` warped to `output_wh` (w, h)."""
+  return warp_affine(image, get_affine_transform(center, scale, rot, output_wh), output_wh)
+
+
 def affine_transform(point, trans) -> np.ndarray:
   """Applies a 2x3 affine matrix to one point [2] or to points [..., 2]."""
   p = np.asarray(point, dtype=np.float64)
@@ -171,19 +175,10 @@ def flip_joints(joints: np.ndarray, joints_vis: np.ndarray, width: int,
   joints = np.array(joints, copy=True)
   joints_vis = np.asarray(joints_vis)
   joints[:, 0] = width - joints[:, 0] - 1
-  perm = flip_permutation(len(joints), flip_pairs)
+  perm = keypoints.flip_permutation(len(joints), flip_pairs)
   joints = joints[perm]
   joints_vis = joints_vis[perm]
   return joints * joints_vis, joints_vis
-
-
-def flip_permutation(num_joints: int,
-                     flip_pairs: Sequence[Sequence[int]]) -> np.ndarray:
-  """Index array that swaps every (left, right) pair."""
-  perm = np.arange(num_joints)
-  for a, b in flip_pairs:
-    perm[a], perm[b] = b, a
-  return perm
 
 
 def half_body_center_scale(joints: np.ndarray, joints_vis: np.ndarray,

@@ -4,11 +4,11 @@
 `--config=tests/tiny_train_config.py:DATA_ROOT`, by train.py subprocesses.
 """
 
-from configs import default
+from transpose_jax import config_schema
 
 
 def get_config(root: str = ''):
-  config = default.get_config()
+  config = config_schema.defaults()
   config.variant = 'tiny_test'
   m = config.model
   m.image_size = (64, 48)

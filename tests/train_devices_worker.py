@@ -28,7 +28,11 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   from tests import tiny_train_config  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from transpose_jax import checkpoint, sharding, train_lib  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from transpose_jax import sharding
+  from transpose_jax.checkpoints import store
+  from transpose_jax.training import trainer
+  # pylint: enable=g-import-not-at-top
   assert jax.device_count() == devices, jax.devices()
   results = {}
   for mode in modes:
@@ -41,8 +45,8 @@ def main(argv):
     # Split every array with a divisible dimension, even the tiny model's.
     sharding.FSDP_MIN_SIZE = 1 if mode == 'fsdp' else sharding.FSDP_MIN_SIZE
     with tempfile.TemporaryDirectory() as workdir:
-      result = train_lib.train(config, workdir)
-      net = checkpoint.restore_model(workdir, config)
+      result = trainer.train(config, workdir)
+      net = store.restore_model(workdir, config)
     results[mode] = {
         'losses': {str(k): v for k, v in result.losses.items()},
         # Running variance of the first BatchNorm after 3 updates.

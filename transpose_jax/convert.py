@@ -1,293 +1,60 @@
-"""Official TransPose PyTorch checkpoints <-> transpose-jax models.
+r"""Converts an official TransPose `.pth` into an orbax checkpoint.
 
-    model = convert.load_official('tp_h_32_256x192_enc4_d64_h128_mh1.pth', config)
-    state_dict = convert.to_official(model)     # official names and layouts
+  python -m transpose_jax.convert --checkpoint=tp_h_48_256x192_enc6_d96_h192_mh1.pth \
+      --output=ckpt/tp_h_a6 [--config=configs/tp_h_a6.py] [--partial]
 
-The mapping is structural: module paths here equal the official ones (the
-backbone's modules sit under `backbone.` here, at the top level there), and
-each kind of layer says how its leaves are named and laid out in PyTorch.
-Strict by default: missing, unexpected or mis-shaped entries are an error
-listing them, and nothing is loaded. `partial=True` loads what fits (ImageNet
-backbones) and reports the rest.
-
-CLI (writes an orbax checkpoint that train.py and eval.py restore):
-    python -m transpose_jax.convert --checkpoint FILE.pth [--config configs/tp_h_a6.py] --output DIR
+train.py (`--config.init_from`), eval.py, predict and explain restore the
+output directory. Without --config the variant is recognised from the
+checkpoint's keys and shapes. Strict: missing, unexpected or mis-shaped
+entries are listed, grouped, and nothing is written; --partial loads what
+fits (ImageNet backbones) and reports the rest. Needs PyTorch to read the
+file (`pip install torch`).
 """
 
-from __future__ import annotations
-
-import dataclasses
-import importlib
-import os
-import pathlib
 import sys
-from typing import Callable, Mapping
 
-import numpy as np
-from flax import nnx
+from absl import flags
 
-from transpose_jax import weights
-from transpose_jax.models import TransPose, layers, transformer
+from transpose_jax import cli
+from transpose_jax import config_schema
+from transpose_jax import models
+from transpose_jax.checkpoints import official
+from transpose_jax.checkpoints import store
 
-VARIANTS = ('tp_r_a3', 'tp_r_a4', 'tp_h_s', 'tp_h_a4', 'tp_h_a6', 'tp_r_a3_bilinear')
-_BACKBONE_MODULES = frozenset({'conv1', 'bn1', 'conv2', 'bn2', 'layer1', 'layer2', 'transition1',
-                               'stage2', 'transition2', 'stage3'})
-
-
-@dataclasses.dataclass(frozen=True)
-class _Leaf:
-  official: str
-  to_official: Callable[[np.ndarray], np.ndarray]
-  from_official: Callable[[np.ndarray], np.ndarray]
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Official PyTorch .pth file.')
+_CONFIG = flags.DEFINE_string(
+    'config', None, 'configs/<variant>.py (default: recognised from the checkpoint).')
+_OUTPUT = flags.DEFINE_string('output', None, 'Directory for the orbax checkpoint.')
+_PARTIAL = flags.DEFINE_bool(
+    'partial', False, 'Load what fits (ImageNet backbones) and report the rest.')
+flags.mark_flags_as_required(['checkpoint', 'output'])
 
 
-_same = _Leaf('', lambda a: a, lambda a: a)
-
-
-def _renamed(name: str) -> _Leaf:
-  return dataclasses.replace(_same, official=name)
-
-
-_COUNT = _Leaf('num_batches_tracked', lambda a: np.asarray(a, np.int64),
-               lambda a: np.asarray(a, np.int32))
-# Per layer type: our leaf name -> official leaf name and layout.
-_LEAVES: dict[type, dict[str, _Leaf]] = {
-    nnx.Conv: {  # HWIO <-> OIHW
-        'kernel': _Leaf('weight', lambda a: a.transpose(3, 2, 0, 1), lambda a: a.transpose(2, 3, 1, 0)),
-        'bias': _renamed('bias')},
-    layers.Deconv4x4: {  # [kH, kW, in, out] <-> ConvTranspose2d [in, out, kH, kW]
-        'kernel': _Leaf('weight', lambda a: a.transpose(2, 3, 0, 1), lambda a: a.transpose(2, 3, 0, 1))},
-    layers.BatchNorm: {
-        'scale': _renamed('weight'), 'bias': _renamed('bias'), 'mean': _renamed('running_mean'),
-        'var': _renamed('running_var'), 'num_batches_tracked': _COUNT},
-    nnx.Linear: {'kernel': _Leaf('weight', lambda a: a.T, lambda a: a.T), 'bias': _renamed('bias')},
-    nnx.LayerNorm: {'scale': _renamed('weight'), 'bias': _renamed('bias')},
-    transformer.MultiheadAttention: {
-        'in_proj_kernel': _Leaf('in_proj_weight', lambda a: a.T, lambda a: a.T),
-        'in_proj_bias': _renamed('in_proj_bias')},
-    TransPose: {  # [L, d] <-> [L, 1, d] (sequence-first)
-        'pos_embedding': _Leaf('pos_embedding', lambda a: a[:, None, :], lambda a: a[:, 0, :])},
-}
-
-
-def _module_types(model: nnx.Module) -> dict[tuple, type]:
-  return {tuple(path): type(node) for path, node in nnx.iter_graph(model)
-          if isinstance(node, nnx.Module)}
-
-
-def official_layout(model: nnx.Module) -> dict[str, tuple[str, _Leaf]]:
-  """{official key: (our dotted path, leaf rule)} for every weight of `model`."""
-  types = _module_types(model)
-  layout = {}
-  for path, _ in nnx.to_flat_state(nnx.state(model, weights.WEIGHTS)):
-    path = tuple(path)
-    module_type, leaf = types[path[:-1]], path[-1]
-    rules = next((r for t, r in _LEAVES.items() if issubclass(module_type, t)), None)
-    if rules is None or leaf not in rules:
-      raise TypeError(f'no official layout for {weights.path_name(path)} ({module_type.__name__})')
-    prefix = path[1:-1] if path[0] == 'backbone' else path[:-1]
-    key = '.'.join([str(p) for p in prefix] + [rules[leaf].official])
-    layout[key] = (weights.path_name(path), rules[leaf])
-  return layout
-
-
-def to_official(model: nnx.Module) -> dict[str, np.ndarray]:
-  """The model's weights as an official state_dict: names, layouts and dtypes."""
-  flat = weights.flat_weights(model)
-  return {key: np.array(rule.to_official(flat[ours]), order="C")
-          for key, (ours, rule) in official_layout(model).items()}
-
-
-@dataclasses.dataclass
-class LoadReport:
-  """What a (partial) load took and left."""
-  loaded: list[str]
-  missing: list[str]           # model weights the checkpoint did not provide (left as initialised)
-  unexpected: list[str]        # checkpoint entries with no place in the model
-  mismatched: list[tuple]      # (key, checkpoint shape, model shape), left as initialised
-
-  def summary(self) -> str:
-    return (f'loaded {len(self.loaded)} tensors; kept initialisation for {len(self.missing)} missing '
-            f'and {len(self.mismatched)} mis-shaped; ignored {len(self.unexpected)} unexpected')
-
-
-def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
-                    partial: bool = False, source: str = 'checkpoint') -> LoadReport:
-  """Copy an official state_dict into `model` (in place)."""
-  layout = official_layout(model)
-  expected = {}
-  current = weights.flat_weights(model)
-  for key, (ours, rule) in layout.items():
-    expected[key] = rule.to_official(current[ours]).shape
-  given = {k: tuple(np.shape(v)) for k, v in state_dict.items()}
-  missing = [k for k in expected if k not in given]
-  unexpected = [k for k in given if k not in expected]
-  mismatched = [(k, given[k], expected[k]) for k in expected if k in given and given[k] != expected[k]]
-  if not partial:
-    hint = _size_hint(given, expected)
-    weights.check_fit(source, given, expected, hint)
-  fits = [k for k in expected if k in given and given[k] == expected[k]]
-  weights.assign_flat_weights(
-      model, {layout[k][0]: layout[k][1].from_official(np.asarray(state_dict[k])) for k in fits})
-  return LoadReport(fits, missing, unexpected, mismatched)
-
-
-def _size_hint(given, expected) -> str:
-  key = 'pos_embedding'
-  if key in given and key in expected and given[key] != expected[key]:
-    return (f'hint: the checkpoint\'s pos_embedding has {given[key][0]} tokens, the model '
-            f'{expected[key][0]}: set config.model.image_size to the size it was trained at.')
-  return ('hint: is this checkpoint of another variant? Without --config the converter '
-          'recognises the variant from the keys and shapes.')
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Tensors of a PyTorch checkpoint file as numpy arrays ('module.' prefixes removed).
-
-  Loads with `weights_only=True`: no code in the file runs. Accepts a plain
-  state_dict or a training checkpoint holding one under 'state_dict'.
-  """
-  import torch  # Only the converter needs PyTorch.
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f'checkpoint file not found: {path}')
+def main(argv) -> int:
+  del argv
   try:
-    obj = torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as e:  # pickle, zip and unsafe-object errors all mean "not a checkpoint".
-    raise ValueError(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: '
-                     f'{str(e).splitlines()[0] if str(e) else ""}). Expected a .pth file holding a '
-                     'state_dict, e.g. an official TransPose release file.') from None
-  if isinstance(obj, Mapping) and 'state_dict' in obj and isinstance(obj['state_dict'], Mapping):
-    obj = obj['state_dict']
-  if not isinstance(obj, Mapping) or not obj or not all(
-      isinstance(v, torch.Tensor) for v in obj.values()):
-    raise ValueError(f'{path} holds a {type(obj).__name__}, not a state_dict of tensors')
-  result = {}
-  for key, tensor in obj.items():
-    key = key[len('module.'):] if key.startswith('module.') else key
-    result[key] = tensor.detach().cpu().numpy()
-  return result
-
-
-def variant_config(name: str):
-  """`configs/<name>.py`'s config."""
-  return importlib.import_module(f'configs.{name}').get_config()
-
-
-def abstract_model(model_config) -> TransPose:
-  """The model's structure and shapes, without allocating or initialising weights."""
-  return nnx.eval_shape(lambda: TransPose(model_config, rngs=nnx.Rngs(0)))
-
-
-def _signature_of_state_dict(shapes: Mapping[str, tuple]) -> tuple:
-  """Cheap fingerprint (head, d_model, layers, HRNet width) to shortlist variants."""
-  layers = {k.split('.')[2] for k in shapes if k.startswith('global_encoder.layers.')}
-  return ('deconv_layers.0.weight' in shapes, shapes.get('reduce.weight', (None,))[0],
-          len(layers), shapes.get('transition1.0.0.weight', (None,))[0])
-
-
-def _signature_of_config(model_config) -> tuple:
-  width = model_config.hrnet.stage2.num_channels[0] if model_config.name == 'transpose_h' else None
-  return (model_config.head == 'deconv', model_config.d_model, model_config.encoder_layers, width)
-
-
-def _official_shapes(model_config) -> dict[str, tuple]:
-  model = abstract_model(model_config)
-  shapes = weights.weight_shapes(model)
-  result = {}
-  for key, (ours, rule) in official_layout(model).items():
-    dummy = np.empty(shapes[ours], np.int8)
-    result[key] = rule.to_official(dummy).shape
-  return result
-
-
-def detect_variant(state_dict: Mapping[str, np.ndarray], source: str = 'checkpoint') -> str:
-  """The config name whose model has exactly this state_dict's keys and shapes."""
-  given = {k: tuple(np.shape(v)) for k, v in state_dict.items()}
-  matches = []
-  closest = None
-  signature = _signature_of_state_dict(given)
-  candidates = [n for n in VARIANTS if _signature_of_config(variant_config(n).model) == signature]
-  for name in candidates or VARIANTS:
-    expected = _official_shapes(variant_config(name).model)
-    if expected == given:
-      matches.append(name)
+    state_dict = official.read_state_dict(_CHECKPOINT.value)
+    if _CONFIG.value:
+      config = config_schema.load_file(_CONFIG.value)
     else:
-      differences = len(set(expected.items()) ^ set(given.items()))
-      closest = min(closest or (differences, name), (differences, name))
-  if len(matches) == 1:
-    return matches[0]
-  if matches:
-    raise ValueError(f'{source} is ambiguous: it fits {matches}; pass --config')
-  raise ValueError(
-      f'{source} matches none of the known variants {list(VARIANTS)} (closest: {closest[1]}, '
-      f'{closest[0]} differing entries). Pass --config with a config that fits it '
-      '(e.g. another image_size), or --partial for a backbone-only checkpoint.')
-
-
-def load_official(pth_path: str | os.PathLike, config=None, *, partial: bool = False,
-                  report: list | None = None) -> TransPose:
-  """An eval-mode model (running BN statistics, no dropout) holding the checkpoint.
-
-  `config` is a full config (configs/<name>.py) or None to recognise the
-  variant from the checkpoint. With `partial`, weights that do not fit keep
-  their initialisation; the LoadReport is appended to `report` if given.
-  """
-  state_dict = read_state_dict(pth_path)
-  if config is None:
-    config = variant_config(detect_variant(state_dict, str(pth_path)))
-  model = TransPose(config.model, rngs=nnx.Rngs(config.get('seed', 0)))
-  result = load_state_dict(model, state_dict, partial=partial, source=str(pth_path))
-  if report is not None:
-    report.append(result)
-  model.eval()
-  return model
-
-
-def _load_config_file(path: str):
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f'config file not found: {path}')
-  spec = importlib.util.spec_from_file_location(f'_config_{path.stem}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def main(argv=None) -> int:
-  import argparse
-  from transpose_jax import checkpoint
-  parser = argparse.ArgumentParser(
-      prog='python -m transpose_jax.convert',
-      description='Convert an official TransPose .pth into an orbax checkpoint.')
-  parser.add_argument('--checkpoint', required=True, help='official PyTorch .pth file')
-  parser.add_argument('--config', help='configs/<variant>.py (default: recognised from the checkpoint)')
-  parser.add_argument('--output', required=True, help='directory for the orbax checkpoint')
-  parser.add_argument('--partial', action='store_true',
-                      help='load what fits (ImageNet backbones) and report the rest')
-  args = parser.parse_args(argv)
-  try:
-    state_dict = read_state_dict(args.checkpoint)
-    if args.config:
-      config = _load_config_file(args.config)
-    else:
-      config = variant_config(detect_variant(state_dict, args.checkpoint))
+      config = official.variant_config(official.detect_variant(state_dict, _CHECKPOINT.value))
       print(f'recognised variant: {config.variant}')
-    model = TransPose(config.model, rngs=nnx.Rngs(config.get('seed', 0)))
-    report = load_state_dict(model, state_dict, partial=args.partial, source=args.checkpoint)
+    model = models.build(config.model, seed=config.seed)
+    report = official.load_state_dict(model, state_dict, partial=_PARTIAL.value,
+                                      source=_CHECKPOINT.value)
   except (ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  if args.partial:
+  if _PARTIAL.value:
     print(report.summary())
     for title, names in (('missing', report.missing), ('unexpected', report.unexpected),
                          ('shape mismatch', [m[0] for m in report.mismatched])):
       if names:
         print(f'  {title} ({len(names)}): {", ".join(names[:8])}{", ..." if len(names) > 8 else ""}')
-  checkpoint.save_model(args.output, model, config)
-  print(f'wrote {args.output} ({config.variant})')
+  store.save_model(_OUTPUT.value, model, config)
+  print(f'wrote {_OUTPUT.value} ({config.variant})')
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run(main)

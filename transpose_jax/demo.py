@@ -1,6 +1,6 @@
 """`make demo`: train the built-in default, explain it, print its COCO AP last.
 
-1. `train_lib.train` with configs/demo.py in runs/demo: generates the synthetic
+1. `trainer.train` with configs/demo.py in runs/demo: generates the synthetic
    COCO-format dataset once (cached), trains a small TransPose-R, evaluates
    COCO AP on the held-out synthetic split with the real evaluation path.
    Rerunning resumes (a finished run is not retrained).
@@ -9,19 +9,25 @@
    (the predicted poses on that validation image, GT boxes).
 3. Prints the AP as the last line.
 
-    python -m transpose_jax.demo [--workdir runs/demo]
+    python -m transpose_jax.demo [--workdir=runs/demo]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
-import sys
 
-from configs import demo as demo_config
-from transpose_jax import checkpoint, explain, predict, train_lib
+from absl import flags
+
+from transpose_jax import cli
+from transpose_jax.checkpoints import store
+from transpose_jax.configs import demo as demo_config
+from transpose_jax.inference import explain
+from transpose_jax.inference import predict
+from transpose_jax.training import trainer
+
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Run folder of the demo.')
 
 
 def _one_cpu_device_per_core(batch_size: int) -> None:
@@ -66,23 +72,21 @@ def _example(data_root: pathlib.Path):
 
 def _final_ap(workdir: pathlib.Path) -> float:
   """The AP of the last evaluation recorded in metrics.jsonl."""
-  lines = (workdir / train_lib.METRICS_FILE).read_text().splitlines()
+  lines = (workdir / trainer.METRICS_FILE).read_text().splitlines()
   return [json.loads(line) for line in lines if '"AP"' in line][-1]['AP']
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description='Train, explain and evaluate the demo model.')
-  parser.add_argument('--workdir', default='runs/demo')
-  args = parser.parse_args(argv)
-  workdir = pathlib.Path(args.workdir)
+def main(argv) -> int:
+  del argv
+  workdir = pathlib.Path(_WORKDIR.value)
   config = demo_config.get_config()
   _one_cpu_device_per_core(config.batch_size)
-  result = train_lib.train(config, workdir)
+  result = trainer.train(config, workdir)
   if result.preempted:
     print('stopped by SIGTERM after saving; rerun `make demo` to continue')
-    return train_lib.PREEMPTED_EXIT_CODE
-  config = train_lib.prepare_data(config)
-  model = checkpoint.restore_model(workdir, config)
+    return trainer.PREEMPTED_EXIT_CODE
+  config = trainer.prepare_data(config)
+  model = store.restore_model(workdir, config)
   image_path, boxes, box = _example(pathlib.Path(config.data.root))
   explain.save_explanation(model, config, str(image_path), box, workdir / 'explanation.png',
                            threshold=None)
@@ -95,4 +99,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run(main)

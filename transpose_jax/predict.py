@@ -1,4 +1,4 @@
-r"""Top-down pose inference on any image, with given person boxes or none.
+r"""Poses on any image: top-down inference with given person boxes or none.
 
   python -m transpose_jax.predict --config=configs/tp_r_a3.py \
       --checkpoint=tp_r_256x192_enc3_d256_h1024_mh8.pth \
@@ -9,531 +9,56 @@ file in the COCO format (a list of {image_id, category_id, bbox [x, y, w, h],
 score}); an image's id is the number its file name spells, as in COCO
 (000000000785.jpg -> 785). Detections scoring below --image_thre (default
 config.data.image_thre) are dropped, as in evaluation. Without --boxes every
-image is one person box.
-
-Inference is the evaluation's: the crop of each box (box -> centre / scale
-with the x1.25 padding, affine warp), `evaluate.predict_heatmaps` (flip test
-per config.eval) and DARK decoding (`decode.get_final_preds`). The score of a
-pose is rescored as in COCO evaluation (box score x mean keypoint score above
-config.data.in_vis_thre); no OKS-NMS: one pose per kept box.
-
-Writes OUTPUT/keypoints.json (COCO results format: image_id, category_id 1,
-keypoints [x, y, score] * K flattened, score; plus the bbox used and the
-crop's center and scale, as the official results files) and, per
-image with at least one box, OUTPUT/<name>_pose.jpg with the skeletons drawn
-(joints scoring below --kpt_threshold are not drawn).
+image is one person box. Writes OUTPUT/keypoints.json (COCO results format)
+and OUTPUT/<name>_pose.jpg per image (`inference.predict.predict_path`).
 """
 
-from __future__ import annotations
-
-from collections.abc import Mapping, Sequence
-import json
-import logging
 import os
-import re
 import sys
-from typing import Any
 
-import cv2
-import numpy as np
-
-from input_pipeline import pipeline
-from input_pipeline import transforms
-from transpose_jax import coco_metrics
-from transpose_jax import decode
-from transpose_jax import visualize
-
-logger = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
-# Crops per predict_heatmaps call when many images are processed at once.
-_CHUNK = 256
-
-
-class BoxError(ValueError):
-  """A person box that is degenerate or lies outside its image."""
-
-
-# ------------------------------------------------------------------ input
-
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-  """RGB uint8 [H, W, 3]; a missing or undecodable file is a clear error."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'image not found: {path}')
-  try:
-    return pipeline.read_image(path)
-  except pipeline.BadImageError as e:
-    raise pipeline.BadImageError(
-        f'{e}: pass a readable JPEG/PNG image (re-save or remove the file)'
-    ) from e
-
-
-def image_id_of(path: str | os.PathLike, fallback: int = 0) -> int:
-  """The COCO image id a file name spells (000000000785.jpg -> 785).
-
-  Names with other characters use their last run of digits; names without
-  digits get `fallback`.
-  """
-  stem = os.path.splitext(os.path.basename(os.fspath(path)))[0]
-  if stem.isdigit():
-    return int(stem)
-  digits = re.findall(r'\d+', stem)
-  return int(digits[-1]) if digits else fallback
-
-
-def list_images(path: str | os.PathLike) -> list[str]:
-  """[path] for an image file; the sorted images of a folder."""
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                   if f.lower().endswith(IMAGE_EXTENSIONS))
-    if not files:
-      raise FileNotFoundError(
-          f'no image ({", ".join(IMAGE_EXTENSIONS)}) in folder {path}')
-    return files
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'image not found: {path}')
-  return [path]
-
-
-def parse_box(text: str) -> np.ndarray:
-  """'x,y,w,h' -> float64 [4]."""
-  try:
-    values = [float(v) for v in text.replace(' ', '').split(',')]
-  except ValueError:
-    values = []
-  if len(values) != 4:
-    raise BoxError(f'box {text!r}: expected four numbers x,y,w,h (pixels of '
-                   'the top-left corner, width and height)')
-  return np.asarray(values, np.float64)
-
-
-def check_box(box: Sequence[float], image_hw: Sequence[int],
-              where: str = 'image') -> np.ndarray:
-  """The box as float64 [x, y, w, h] if it is usable for `image_hw`.
-
-  Raises:
-    BoxError: not four finite numbers, width or height <= 0, or no overlap
-      with the image; the message names `where` and the box.
-  """
-  values = np.asarray(box, np.float64).reshape(-1)
-  height, width = int(image_hw[0]), int(image_hw[1])
-  if values.shape != (4,) or not np.all(np.isfinite(values)):
-    raise BoxError(f'{where}: person box {list(np.asarray(box).ravel())} is '
-                   'not four finite numbers [x, y, w, h]')
-  x, y, w, h = values
-  shown = [round(float(v), 2) for v in values]
-  if w <= 0 or h <= 0:
-    raise BoxError(f'{where}: person box [x, y, w, h] = {shown} is degenerate '
-                   '(width and height must be > 0)')
-  if x >= width or y >= height or x + w <= 0 or y + h <= 0:
-    raise BoxError(
-        f'{where}: person box [x, y, w, h] = {shown} lies outside the '
-        f'{width}x{height} image; boxes are x, y, width, height in pixels of '
-        'that image')
-  return values
-
-
-def whole_image_box(image_hw: Sequence[int]) -> np.ndarray:
-  """The box of the whole image, [0, 0, W, H]."""
-  return np.array([0.0, 0.0, float(image_hw[1]), float(image_hw[0])])
-
-
-def load_detections(path: str | os.PathLike, image_thre: float = 0.0
-                    ) -> dict[int, list[tuple[np.ndarray, float]]]:
-  """Person detections {image_id: [(box [4], score), ...]} in file order.
-
-  Keeps category 1 (person) entries scoring >= image_thre, as evaluation on
-  detected boxes does.
-  """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'person detection file not found: {path}')
-  with open(path) as f:
-    try:
-      detections = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{path} is not valid json: {e}') from e
-  if not isinstance(detections, list):
-    raise ValueError(f'{path}: expected a COCO detection list [{{image_id, '
-                     'category_id, bbox, score}}, ...]')
-  out: dict[int, list[tuple[np.ndarray, float]]] = {}
-  for i, det in enumerate(detections):
-    if not isinstance(det, Mapping) or 'image_id' not in det or 'bbox' not in det:
-      raise ValueError(f'{path}: entry {i} lacks image_id or bbox (COCO '
-                       'detection format)')
-    if det.get('category_id', 1) != 1:
-      continue
-    score = float(det.get('score', 1.0))
-    if score < image_thre:
-      continue
-    out.setdefault(int(det['image_id']), []).append(
-        (np.asarray(det['bbox'], np.float64), score))
-  return out
-
-
-def crop_person(image: np.ndarray, box: Sequence[float],
-                image_size: Sequence[int]
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """The evaluation crop of a person box.
-
-  Args:
-    image: RGB uint8 [H, W, 3].
-    box: [x, y, w, h] in image pixels (checked by the caller).
-    image_size: network input (height, width).
-
-  Returns:
-    (crop uint8 [h, w, 3], center float32 [2], scale float32 [2]) exactly as
-    the evaluation pipeline crops a detected box.
-  """
-  height, width = int(image_size[0]), int(image_size[1])
-  center, scale = transforms.box_to_center_scale(np.asarray(box),
-                                                 width / height)
-  trans = transforms.get_affine_transform(center, scale, 0, (width, height))
-  # Same call as input_pipeline.pipeline.warp (evaluation crops).
-  crop = cv2.warpAffine(image, trans, (width, height), flags=cv2.INTER_LINEAR)
-  return crop, center, scale
-
-
-def image_to_crop(points: np.ndarray, center, scale,
-                  image_size: Sequence[int]) -> np.ndarray:
-  """Maps [..., 2] image pixels into the crop of (center, scale)."""
-  trans = transforms.get_affine_transform(
-      np.asarray(center), np.asarray(scale), 0,
-      (int(image_size[1]), int(image_size[0])))
-  return transforms.affine_transform(np.asarray(points)[..., :2], trans)
-
-
-# -------------------------------------------------------------- inference
-
-
-def _person(keypoints: np.ndarray, box: np.ndarray, box_score: float,
-            center: np.ndarray, scale: np.ndarray, image_id: int,
-            in_vis_thre: float) -> dict[str, Any]:
-  score = float(coco_metrics.rescore(keypoints[None], np.array([box_score]),
-                                     in_vis_thre)[0])
-  return {
-      'image_id': int(image_id),
-      'category_id': 1,
-      'keypoints': [float(v) for v in keypoints.astype(np.float64).ravel()],
-      'score': score,
-      'bbox': [float(v) for v in box],
-      'box_score': float(box_score),
-      'center': [float(v) for v in center],
-      'scale': [float(v) for v in scale],
-  }
-
-
-def _infer(model, config, crops: list[np.ndarray], centers, scales
-           ) -> tuple[np.ndarray, np.ndarray]:
-  """Keypoints [N, K, 3] (image pixels, score) for crops, as evaluation."""
-  from transpose_jax import evaluate  # pylint: disable=g-import-not-at-top
-  k = int(config.model.num_joints)
-  if not crops:
-    return np.zeros((0, k, 3), np.float32)
-  out = []
-  for start in range(0, len(crops), _CHUNK):
-    batch = np.stack(crops[start:start + _CHUNK])
-    heatmaps = evaluate.predict_heatmaps(
-        model, batch, config,
-        batch_size=min(len(batch), int(config.eval.batch_size)))
-    preds, maxvals = decode.get_final_preds(
-        np.ascontiguousarray(heatmaps.transpose(0, 3, 1, 2)),
-        np.stack(centers[start:start + _CHUNK]),
-        np.stack(scales[start:start + _CHUNK]),
-        blur_kernel=int(config.eval.blur_kernel))
-    out.append(np.concatenate([preds, maxvals], axis=-1))
-  return np.concatenate(out).astype(np.float32)
-
-
-def predict_images(model, config, images: Sequence[np.ndarray],
-                   boxes: Sequence[Sequence[Sequence[float]] | None],
-                   box_scores: Sequence[Sequence[float] | None] | None = None,
-                   image_ids: Sequence[int] | None = None,
-                   names: Sequence[str] | None = None
-                   ) -> list[list[dict[str, Any]]]:
-  """Poses of several images, one per box, batched across the images.
-
-  Args:
-    model: a TransPose model (used in eval mode).
-    config: the project config (model sizes, eval flip test and blur,
-      data.in_vis_thre for the pose score).
-    images: RGB uint8 [H, W, 3] arrays.
-    boxes: per image, person boxes [x, y, w, h] in its pixels, or None for
-      the whole image as one box.
-    box_scores: per image, detector scores (default 1).
-    image_ids: per image, the id written in the results (default its index).
-    names: per image, the name used in error messages.
-
-  Returns:
-    Per image, one dict per box: image_id, category_id (1), keypoints (flat
-    [x, y, score] * K, image pixels), score (rescored as in evaluation),
-    bbox, box_score, center, scale.
-  """
-  crops, centers, scales, owners = [], [], [], []
-  for i, image in enumerate(images):
-    image = np.asarray(image)
-    name = names[i] if names is not None else f'image {i}'
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-      raise ValueError(f'{name}: expected RGB uint8 [H, W, 3], got '
-                       f'{image.dtype} {image.shape}')
-    image_boxes = boxes[i]
-    if image_boxes is None:
-      image_boxes = [whole_image_box(image.shape[:2])]
-    scores = (box_scores[i] if box_scores is not None
-              and box_scores[i] is not None else [1.0] * len(image_boxes))
-    if len(scores) != len(image_boxes):
-      raise ValueError(f'{name}: {len(image_boxes)} boxes but {len(scores)} '
-                       'box scores')
-    for j, box in enumerate(image_boxes):
-      box = check_box(box, image.shape[:2], name)
-      crop, center, scale = crop_person(image, box, config.model.image_size)
-      crops.append(crop)
-      centers.append(center)
-      scales.append(scale)
-      owners.append((i, box, float(scores[j])))
-  keypoints = _infer(model, config, crops, centers, scales)
-  results: list[list[dict[str, Any]]] = [[] for _ in images]
-  in_vis_thre = float(config.data.in_vis_thre)
-  for n, (i, box, score) in enumerate(owners):
-    image_id = image_ids[i] if image_ids is not None else i
-    results[i].append(_person(keypoints[n], box, score, centers[n], scales[n],
-                              image_id, in_vis_thre))
-  return results
-
-
-def predict_image(model, config, image: np.ndarray | str | os.PathLike,
-                  boxes: Sequence[Sequence[float]] | None = None, *,
-                  box_scores: Sequence[float] | None = None,
-                  image_id: int | None = None) -> list[dict[str, Any]]:
-  """Poses in one image (array or file), one per box (None: whole image).
-
-  See `predict_images` for the dicts returned.
-  """
-  name = 'image'
-  if not isinstance(image, np.ndarray):
-    name = os.fspath(image)
-    if image_id is None:
-      image_id = image_id_of(name)
-    image = read_image(name)
-  return predict_images(model, config, [image], [boxes],
-                        None if box_scores is None else [box_scores],
-                        [0 if image_id is None else image_id], [name])[0]
-
-
-def pose_array(person: Mapping[str, Any]) -> np.ndarray:
-  """The [K, 3] (x, y, score) keypoints of a result dict."""
-  return np.asarray(person['keypoints'], np.float64).reshape(-1, 3)
-
-
-def draw_persons(image: np.ndarray, persons: Sequence[Mapping[str, Any]], *,
-                 kpt_threshold: float = 0.2,
-                 draw_boxes: bool = True) -> np.ndarray:
-  """The image with every person's skeleton (and its box) drawn."""
-  canvas = np.asarray(image).copy()
-  width = max(1, int(round(min(canvas.shape[:2]) / 300)))
-  for person in persons:
-    if draw_boxes and 'bbox' in person:
-      x, y, w, h = person['bbox']
-      cv2.rectangle(canvas, (int(round(x)), int(round(y))),
-                    (int(round(x + w)), int(round(y + h))), (255, 255, 255),
-                    width, cv2.LINE_AA)
-  return visualize.draw_poses(canvas, [pose_array(p) for p in persons],
-                              threshold=kpt_threshold)
-
-
-def save_skeleton_picture(model, config, image_path: str | os.PathLike,
-                          boxes: Sequence[Sequence[float]] | None,
-                          output_path: str | os.PathLike, *,
-                          kpt_threshold: float | None = None
-                          ) -> list[dict[str, Any]]:
-  """Predicts the poses in one image and writes it with the skeletons drawn.
-
-  Args:
-    model: a TransPose model.
-    config: its config.
-    image_path: the image file.
-    boxes: person boxes [x, y, w, h]; None: the whole image is one person.
-    output_path: the picture to write (.jpg or .png).
-    kpt_threshold: joints scoring below it are not drawn (default
-      config.data.in_vis_thre).
-
-  Returns:
-    The predicted persons (see `predict_images`).
-  """
-  image = read_image(image_path)
-  persons = predict_image(model, config, image, boxes,
-                          image_id=image_id_of(image_path))
-  threshold = (float(config.data.in_vis_thre) if kpt_threshold is None
-               else kpt_threshold)
-  visualize.save_image(output_path, draw_persons(image, persons,
-                                                 kpt_threshold=threshold))
-  return persons
-
-
-def results_entry(person: Mapping[str, Any]) -> dict[str, Any]:
-  """The COCO results-format fields of a person dict.
-
-  Besides image_id, category_id, keypoints and score: the bbox used and, as
-  in the official results files, the crop's center and scale.
-  """
-  return {k: person[k] for k in ('image_id', 'category_id', 'keypoints',
-                                 'score', 'bbox', 'center', 'scale')}
-
-
-def predict_path(model, config, image_path: str | os.PathLike,
-                 output_dir: str | os.PathLike, *,
-                 detection_file: str | os.PathLike | None = None,
-                 image_thre: float | None = None,
-                 kpt_threshold: float | None = None) -> list[dict[str, Any]]:
-  """What the CLI does: poses of an image or folder, written to output_dir.
-
-  Returns:
-    The COCO results entries written to OUTPUT/keypoints.json.
-  """
-  files = list_images(image_path)
-  image_ids = [image_id_of(f, fallback=i) for i, f in enumerate(files)]
-  boxes: list[Any] = [None] * len(files)
-  box_scores: list[Any] = [None] * len(files)
-  if detection_file:
-    thre = float(config.data.image_thre) if image_thre is None else image_thre
-    detections = load_detections(detection_file, thre)
-    matched = [i for i, image_id in enumerate(image_ids)
-               if image_id in detections]
-    if not matched:
-      raise ValueError(
-          f'no detection in {detection_file} (score >= {thre}) belongs to '
-          f'the images of {image_path} (ids {image_ids[:5]}...): the image ids '
-          'are the numbers in the file names, as in COCO (000000000785.jpg -> '
-          '785)')
-    for i, image_id in enumerate(image_ids):
-      found = detections.get(image_id, [])
-      if not found:
-        logger.warning('%s (id %d): no person box in %s; skipped', files[i],
-                       image_id, detection_file)
-      boxes[i] = [b for b, _ in found]
-      box_scores[i] = [s for _, s in found]
-    where = [f'{f} (image id {image_ids[i]}, boxes from {detection_file})'
-             for i, f in enumerate(files)]
-  else:
-    where = list(files)
-  keep = [i for i in range(len(files)) if boxes[i] is None or boxes[i]]
-  threshold = (float(config.data.in_vis_thre) if kpt_threshold is None
-               else kpt_threshold)
-  os.makedirs(output_dir, exist_ok=True)
-  results = []
-  # Groups of about _CHUNK boxes: batched inference, bounded memory.
-  groups, group, size = [], [], 0
-  for i in keep:
-    group.append(i)
-    size += 1 if boxes[i] is None else len(boxes[i])
-    if size >= _CHUNK:
-      groups.append(group)
-      group, size = [], 0
-  groups += [group] if group else []
-  for group in groups:
-    images = [read_image(files[i]) for i in group]
-    persons = predict_images(model, config, images,
-                             [boxes[i] for i in group],
-                             [box_scores[i] for i in group],
-                             [image_ids[i] for i in group],
-                             [where[i] for i in group])
-    for i, image, found in zip(group, images, persons):
-      stem = os.path.splitext(os.path.basename(files[i]))[0]
-      visualize.save_image(
-          os.path.join(output_dir, f'{stem}_pose.jpg'),
-          draw_persons(image, found, kpt_threshold=threshold))
-      results.extend(results_entry(p) for p in found)
-    logger.info('%d / %d images', group[-1] + 1, len(files))
-  with open(os.path.join(output_dir, 'keypoints.json'), 'w') as f:
-    json.dump(results, f)
-  return results
-
-
-# -------------------------------------------------------------------- CLI
-
-
-def check_cli_paths(argv: Sequence[str], default_config: str) -> None:
-  """Exits naming the file when --config or --checkpoint does not exist."""
-  from transpose_jax import config_checks  # pylint: disable=g-import-not-at-top
-  value = lambda flag: config_checks.flag_value(argv, flag)
-  config = (value('config') or default_config).partition(':')[0]
-  if not os.path.isfile(config):
-    sys.exit(f'error: --config={config}: file not found (pass a config file '
-             'such as configs/tp_r_a3.py)')
-  checkpoint = value('checkpoint')
-  if checkpoint and not os.path.exists(checkpoint):
-    sys.exit(f'error: --checkpoint={checkpoint}: not found (pass an official '
-             '.pth, a converter output directory or a train.py workdir)')
-
-
-def _main(argv):
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from transpose_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from transpose_jax import cli
+from transpose_jax.checkpoints import store
+from transpose_jax.inference import predict
+
+DEFAULT_CONFIG = cli.config_path('tp_r_a3')
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', DEFAULT_CONFIG, 'Model config file (configs/*.py).', lock_config=True)
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', None, 'Official .pth, converter output directory or train.py workdir.')
+_IMAGE = flags.DEFINE_string('image', None, 'An image file or a folder of images.')
+_BOXES = flags.DEFINE_string(
+    'boxes', None, 'Person detections json (COCO format); default: the whole image is one '
+    'person.')
+_OUTPUT = flags.DEFINE_string('output', None,
+                              'Output folder (keypoints.json, <name>_pose.jpg).')
+_IMAGE_THRE = flags.DEFINE_float(
+    'image_thre', None, 'Detection score threshold (default config.data.image_thre).')
+_KPT_THRESHOLD = flags.DEFINE_float(
+    'kpt_threshold', None, 'Joints scoring below it are not drawn (default '
+    'config.data.in_vis_thre).')
+flags.mark_flags_as_required(['checkpoint', 'image', 'output'])
+
+
+def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = _FLAGS['config'].value
+  config = _CONFIG.value
   try:
-    model = checkpoint_lib.restore_model(_FLAGS['checkpoint'].value, config)
-    results = predict_path(
-        model, config, _FLAGS['image'].value, _FLAGS['output'].value,
-        detection_file=_FLAGS['boxes'].value,
-        image_thre=_FLAGS['image_thre'].value,
-        kpt_threshold=_FLAGS['kpt_threshold'].value)
+    model = store.restore_model(_CHECKPOINT.value, config)
+    results = predict.predict_path(
+        model, config, _IMAGE.value, _OUTPUT.value, detection_file=_BOXES.value,
+        image_thre=_IMAGE_THRE.value, kpt_threshold=_KPT_THRESHOLD.value)
   except (FileNotFoundError, ValueError, OSError) as e:
     sys.exit(f'error: {e}')
   images = len({r['image_id'] for r in results})
   print(f'{len(results)} poses in {images} images -> '
-        f'{os.path.join(_FLAGS["output"].value, "keypoints.json")}')
-
-
-_FLAGS: dict[str, Any] = {}
-_DEFAULT_CONFIG = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
-    'tp_r_a3.py')
-
-
-def _define_flags() -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  _FLAGS['config'] = config_flags.DEFINE_config_file(
-      'config', _DEFAULT_CONFIG, 'Model config file (configs/*.py).',
-      lock_config=True)
-  _FLAGS['checkpoint'] = flags.DEFINE_string(
-      'checkpoint', None,
-      'Official .pth, converter output directory or train.py workdir.')
-  _FLAGS['image'] = flags.DEFINE_string('image', None,
-                                        'An image file or a folder of images.')
-  _FLAGS['boxes'] = flags.DEFINE_string(
-      'boxes', None, 'Person detections json (COCO format); default: the '
-      'whole image is one person.')
-  _FLAGS['output'] = flags.DEFINE_string(
-      'output', None, 'Output folder (keypoints.json, <name>_pose.jpg).')
-  _FLAGS['image_thre'] = flags.DEFINE_float(
-      'image_thre', None, 'Detection score threshold (default '
-      'config.data.image_thre).')
-  _FLAGS['kpt_threshold'] = flags.DEFINE_float(
-      'kpt_threshold', None, 'Joints scoring below it are not drawn (default '
-      'config.data.in_vis_thre).')
-  flags.mark_flags_as_required(['checkpoint', 'image', 'output'])
-
-
-def run_cli(define_flags, main_fn) -> None:
-  """Starts a --config/--checkpoint CLI: missing files and unknown --config.*
-  keys are named before absl parses the flags (shared with explain)."""
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from transpose_jax import config_checks  # pylint: disable=g-import-not-at-top
-  check_cli_paths(sys.argv, _DEFAULT_CONFIG)
-  config_checks.exit_on_unknown_override(sys.argv, default_file=_DEFAULT_CONFIG)
-  define_flags()
-  app.run(main_fn)
-
-
-def main() -> None:
-  run_cli(_define_flags, _main)
+        f'{os.path.join(_OUTPUT.value, "keypoints.json")}')
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main, default_config=DEFAULT_CONFIG)

@@ -67,17 +67,6 @@ def state_shardings(tree: Any, mesh: Mesh, fsdp: bool) -> Any:
   return jax.tree.map(leaf, tree)
 
 
-def check_batch_size(global_batch: int, mesh: Mesh) -> None:
-  """The global batch must split evenly over devices and processes."""
-  n_dev = mesh.shape[DATA_AXIS]
-  n_proc = jax.process_count()
-  if global_batch % n_dev or global_batch % n_proc:
-    raise ValueError(
-        f'config.batch_size={global_batch} is global and must be divisible by '
-        f'the number of devices ({n_dev}) and of processes ({n_proc}); '
-        f'use a multiple of {int(np.lcm(n_dev, n_proc))}.')
-
-
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles per-process batches into global arrays sharded on 'data'.
 

@@ -9,13 +9,13 @@ from flax import nnx
 from transpose_jax.models import layers
 
 
-def downsample(in_features: int, out_features: int, stride: int, *, dtype,
+def downsample(in_features: int, out_features: int, stride: int, *, dtype, kernels: str,
                rngs: nnx.Rngs) -> nnx.List:
   """`Sequential(1x1 conv (stride), BN)` on the residual path."""
   return nnx.List([
       layers.conv(in_features, out_features, 1, stride=stride, padding=0,
-                  dtype=dtype, rngs=rngs),
-      layers.BatchNorm(out_features, dtype=dtype),
+                  dtype=dtype, kernels=kernels, rngs=rngs),
+      layers.BatchNorm(out_features, dtype=dtype, kernels=kernels),
   ])
 
 
@@ -29,13 +29,13 @@ class BasicBlock(nnx.Module):
   expansion = 1
 
   def __init__(self, in_features: int, planes: int, stride: int = 1, *,
-               dtype=jnp.float32, rngs: nnx.Rngs):
-    self.conv1 = layers.conv(in_features, planes, 3, stride=stride, dtype=dtype, rngs=rngs)
-    self.bn1 = layers.BatchNorm(planes, dtype=dtype)
-    self.conv2 = layers.conv(planes, planes, 3, dtype=dtype, rngs=rngs)
-    self.bn2 = layers.BatchNorm(planes, dtype=dtype)
+               dtype=jnp.float32, kernels: str = 'auto', rngs: nnx.Rngs):
+    self.conv1 = layers.conv(in_features, planes, 3, stride=stride, dtype=dtype, kernels=kernels, rngs=rngs)
+    self.bn1 = layers.BatchNorm(planes, dtype=dtype, kernels=kernels)
+    self.conv2 = layers.conv(planes, planes, 3, dtype=dtype, kernels=kernels, rngs=rngs)
+    self.bn2 = layers.BatchNorm(planes, dtype=dtype, kernels=kernels)
     needs_projection = stride != 1 or in_features != planes
-    self.downsample = (downsample(in_features, planes, stride, dtype=dtype, rngs=rngs)
+    self.downsample = (downsample(in_features, planes, stride, dtype=dtype, kernels=kernels, rngs=rngs)
                        if needs_projection else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -48,16 +48,16 @@ class Bottleneck(nnx.Module):
   expansion = 4
 
   def __init__(self, in_features: int, planes: int, stride: int = 1, *,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype=jnp.float32, kernels: str = 'auto', rngs: nnx.Rngs):
     out_features = planes * self.expansion
-    self.conv1 = layers.conv(in_features, planes, 1, padding=0, dtype=dtype, rngs=rngs)
-    self.bn1 = layers.BatchNorm(planes, dtype=dtype)
-    self.conv2 = layers.conv(planes, planes, 3, stride=stride, dtype=dtype, rngs=rngs)
-    self.bn2 = layers.BatchNorm(planes, dtype=dtype)
-    self.conv3 = layers.conv(planes, out_features, 1, padding=0, dtype=dtype, rngs=rngs)
-    self.bn3 = layers.BatchNorm(out_features, dtype=dtype)
+    self.conv1 = layers.conv(in_features, planes, 1, padding=0, dtype=dtype, kernels=kernels, rngs=rngs)
+    self.bn1 = layers.BatchNorm(planes, dtype=dtype, kernels=kernels)
+    self.conv2 = layers.conv(planes, planes, 3, stride=stride, dtype=dtype, kernels=kernels, rngs=rngs)
+    self.bn2 = layers.BatchNorm(planes, dtype=dtype, kernels=kernels)
+    self.conv3 = layers.conv(planes, out_features, 1, padding=0, dtype=dtype, kernels=kernels, rngs=rngs)
+    self.bn3 = layers.BatchNorm(out_features, dtype=dtype, kernels=kernels)
     needs_projection = stride != 1 or in_features != out_features
-    self.downsample = (downsample(in_features, out_features, stride, dtype=dtype, rngs=rngs)
+    self.downsample = (downsample(in_features, out_features, stride, dtype=dtype, kernels=kernels, rngs=rngs)
                        if needs_projection else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -68,12 +68,12 @@ class Bottleneck(nnx.Module):
 
 
 def make_layer(block, in_features: int, planes: int, num_blocks: int,
-               stride: int = 1, *, dtype, rngs: nnx.Rngs) -> tuple[nnx.List, int]:
+               stride: int = 1, *, dtype, kernels: str, rngs: nnx.Rngs) -> tuple[nnx.List, int]:
   """`_make_layer`: the first block changes width/stride, the rest keep it."""
-  blocks = [block(in_features, planes, stride, dtype=dtype, rngs=rngs)]
+  blocks = [block(in_features, planes, stride, dtype=dtype, kernels=kernels, rngs=rngs)]
   features = planes * block.expansion
   for _ in range(1, num_blocks):
-    blocks.append(block(features, planes, dtype=dtype, rngs=rngs))
+    blocks.append(block(features, planes, dtype=dtype, kernels=kernels, rngs=rngs))
   return nnx.List(blocks), features
 
 

@@ -17,10 +17,10 @@ from transpose_jax.models import blocks, layers
 
 
 def _conv_bn(in_features: int, out_features: int, kernel: int, stride: int, *,
-             dtype, rngs: nnx.Rngs) -> nnx.List:
+             dtype, kernels: str, rngs: nnx.Rngs) -> nnx.List:
   return nnx.List([
-      layers.conv(in_features, out_features, kernel, stride=stride, dtype=dtype, rngs=rngs),
-      layers.BatchNorm(out_features, dtype=dtype),
+      layers.conv(in_features, out_features, kernel, stride=stride, dtype=dtype, kernels=kernels, rngs=rngs),
+      layers.BatchNorm(out_features, dtype=dtype, kernels=kernels),
   ])
 
 
@@ -29,20 +29,20 @@ def _apply_conv_bn(pair: nnx.List, x: jax.Array, relu: bool) -> jax.Array:
   return jax.nn.relu(x) if relu else x
 
 
-def make_transition(pre: Sequence[int], cur: Sequence[int], *, dtype,
+def make_transition(pre: Sequence[int], cur: Sequence[int], *, dtype, kernels: str,
                     rngs: nnx.Rngs) -> nnx.List:
   """`_make_transition_layer`: adapt existing branches, add strided new ones."""
   transitions = []
   for i, out_features in enumerate(cur):
     if i < len(pre):
       transitions.append(
-          _conv_bn(pre[i], out_features, 3, 1, dtype=dtype, rngs=rngs)
+          _conv_bn(pre[i], out_features, 3, 1, dtype=dtype, kernels=kernels, rngs=rngs)
           if out_features != pre[i] else None)
     else:
       chain = []
       for j in range(i + 1 - len(pre)):
         out = out_features if j == i - len(pre) else pre[-1]
-        chain.append(_conv_bn(pre[-1], out, 3, 2, dtype=dtype, rngs=rngs))
+        chain.append(_conv_bn(pre[-1], out, 3, 2, dtype=dtype, kernels=kernels, rngs=rngs))
       transitions.append(nnx.List(chain))
   return nnx.List(transitions)
 
@@ -62,7 +62,7 @@ class HighResolutionModule(nnx.Module):
 
   def __init__(self, in_features: Sequence[int], num_blocks: Sequence[int],
                num_channels: Sequence[int], multi_scale_output: bool, *,
-               dtype, rngs: nnx.Rngs):
+               dtype, kernels: str, rngs: nnx.Rngs):
     num_branches = len(num_channels)
     if not (len(in_features) == len(num_blocks) == num_branches):
       raise ValueError(
@@ -73,7 +73,7 @@ class HighResolutionModule(nnx.Module):
     for i in range(num_branches):
       branch, width = blocks.make_layer(
           blocks.BasicBlock, in_features[i], num_channels[i], num_blocks[i],
-          dtype=dtype, rngs=rngs)
+          dtype=dtype, kernels=kernels, rngs=rngs)
       branches.append(branch)
       widths.append(width)
     self.branches = nnx.List(branches)
@@ -85,12 +85,12 @@ class HighResolutionModule(nnx.Module):
         row = []
         for j in range(num_branches):
           if j > i:
-            row.append(_conv_bn(widths[j], widths[i], 1, 1, dtype=dtype, rngs=rngs))
+            row.append(_conv_bn(widths[j], widths[i], 1, 1, dtype=dtype, kernels=kernels, rngs=rngs))
           elif j == i:
             row.append(None)
           else:
             chain = [_conv_bn(widths[j], widths[i] if k == i - j - 1 else widths[j], 3, 2,
-                              dtype=dtype, rngs=rngs)
+                              dtype=dtype, kernels=kernels, rngs=rngs)
                      for k in range(i - j)]
             row.append(nnx.List(chain))
         fuse.append(nnx.List(row))
@@ -120,14 +120,14 @@ class HighResolutionModule(nnx.Module):
 
 
 def make_stage(stage_config, in_features: Sequence[int], multi_scale_output: bool, *,
-               dtype, rngs: nnx.Rngs) -> tuple[nnx.List, list[int]]:
+               dtype, kernels: str, rngs: nnx.Rngs) -> tuple[nnx.List, list[int]]:
   modules = []
   features = list(in_features)
   for i in range(stage_config.num_modules):
     last = i == stage_config.num_modules - 1
     module = HighResolutionModule(
         features, stage_config.num_blocks, stage_config.num_channels,
-        multi_scale_output or not last, dtype=dtype, rngs=rngs)
+        multi_scale_output or not last, dtype=dtype, kernels=kernels, rngs=rngs)
     modules.append(module)
     features = module.out_features
   return nnx.List(modules), features
@@ -142,17 +142,18 @@ class HRNetS(nnx.Module):
 
   stride = 4
 
-  def __init__(self, hrnet_config, *, dtype=jnp.float32, rngs: nnx.Rngs):
-    self.conv1 = layers.conv(3, 64, 3, stride=2, dtype=dtype, rngs=rngs)
-    self.bn1 = layers.BatchNorm(64, dtype=dtype)
-    self.conv2 = layers.conv(64, 64, 3, stride=2, dtype=dtype, rngs=rngs)
-    self.bn2 = layers.BatchNorm(64, dtype=dtype)
-    self.layer1, features = blocks.make_layer(blocks.Bottleneck, 64, 64, 4, dtype=dtype, rngs=rngs)
+  def __init__(self, hrnet_config, *, dtype=jnp.float32, kernels: str = 'auto',
+               rngs: nnx.Rngs):
+    self.conv1 = layers.conv(3, 64, 3, stride=2, dtype=dtype, kernels=kernels, rngs=rngs)
+    self.bn1 = layers.BatchNorm(64, dtype=dtype, kernels=kernels)
+    self.conv2 = layers.conv(64, 64, 3, stride=2, dtype=dtype, kernels=kernels, rngs=rngs)
+    self.bn2 = layers.BatchNorm(64, dtype=dtype, kernels=kernels)
+    self.layer1, features = blocks.make_layer(blocks.Bottleneck, 64, 64, 4, dtype=dtype, kernels=kernels, rngs=rngs)
     stage2, stage3 = hrnet_config.stage2, hrnet_config.stage3
-    self.transition1 = make_transition([features], stage2.num_channels, dtype=dtype, rngs=rngs)
-    self.stage2, features = make_stage(stage2, stage2.num_channels, True, dtype=dtype, rngs=rngs)
-    self.transition2 = make_transition(features, stage3.num_channels, dtype=dtype, rngs=rngs)
-    self.stage3, features = make_stage(stage3, stage3.num_channels, False, dtype=dtype, rngs=rngs)
+    self.transition1 = make_transition([features], stage2.num_channels, dtype=dtype, kernels=kernels, rngs=rngs)
+    self.stage2, features = make_stage(stage2, stage2.num_channels, True, dtype=dtype, kernels=kernels, rngs=rngs)
+    self.transition2 = make_transition(features, stage3.num_channels, dtype=dtype, kernels=kernels, rngs=rngs)
+    self.stage3, features = make_stage(stage3, stage3.num_channels, False, dtype=dtype, kernels=kernels, rngs=rngs)
     self.num_branches = (len(stage2.num_channels), len(stage3.num_channels))
     self.out_features = features[0]
 

@@ -13,8 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from transpose_jax.models.attention import attention_with_weights, softmax_attention
-from transpose_jax.models.layers import Dropout, host_init
+from transpose_jax import kernels as kernels_lib
+from transpose_jax.kernels import reference
+from transpose_jax.models.initializers import host_init
+from transpose_jax.models.layers import Dropout
 
 
 class PositionTable(nnx.Variable):
@@ -61,7 +63,7 @@ class MultiheadAttention(nnx.Module):
   """
 
   def __init__(self, d_model: int, n_head: int, dropout: float, *,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype=jnp.float32, kernels: str = 'auto', rngs: nnx.Rngs):
     if d_model % n_head:
       raise ValueError(f'd_model {d_model} is not divisible by n_head {n_head}')
     xavier = host_init('xavier')
@@ -73,13 +75,15 @@ class MultiheadAttention(nnx.Module):
     self.n_head = n_head
     self.d_model = d_model
     self.dtype = dtype
+    self.kernels = kernels
 
   def __call__(self, qk_input: jax.Array, v_input: jax.Array, *, need_weights: bool = True):
     """(output [N, L, d], weights [N, heads, L, L] after dropout, or None).
 
-    Without `need_weights` the product runs through `softmax_attention`, whose
-    hand-written gradient is the training path; the weights path is plain
-    autodiff and returns what `nn.MultiheadAttention` returns.
+    Without `need_weights` the product is the kernel set's `attention` (the
+    training path); the weights path is plain autodiff
+    (`kernels.reference.attention_with_weights`) and returns what
+    `nn.MultiheadAttention` returns.
     """
     n, length, d = v_input.shape
     kernel = self.in_proj_kernel[...].astype(self.dtype)
@@ -94,9 +98,10 @@ class MultiheadAttention(nnx.Module):
     keep_mask = self.dropout.keep_mask((n, self.n_head, length, length))
     keep_prob = 1.0 - self.dropout.rate
     if need_weights or keep_prob == 0.0:
-      out, weights = attention_with_weights(*qkv, keep_mask, keep_prob)
+      out, weights = reference.attention_with_weights(*qkv, keep_mask, keep_prob)
     else:
-      out, weights = softmax_attention(*qkv, keep_mask, keep_prob), None
+      out = kernels_lib.select(self.kernels).attention(*qkv, keep_mask, keep_prob)
+      weights = None
     return self.out_proj(out.reshape(n, length, d)), (weights if need_weights else None)
 
 
@@ -104,10 +109,11 @@ class EncoderLayer(nnx.Module):
   """Post-norm layer: x = LN(x + attn(x+pos, x+pos, x)); x = LN(x + FFN(x))."""
 
   def __init__(self, d_model: int, n_head: int, dim_feedforward: int, dropout: float, *,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype=jnp.float32, kernels: str = 'auto', rngs: nnx.Rngs):
     linear = lambda i, o: nnx.Linear(i, o, dtype=dtype, param_dtype=jnp.float32,
                                      kernel_init=host_init('xavier'), rngs=rngs)
-    self.self_attn = MultiheadAttention(d_model, n_head, dropout, dtype=dtype, rngs=rngs)
+    self.self_attn = MultiheadAttention(d_model, n_head, dropout, dtype=dtype, kernels=kernels,
+                                        rngs=rngs)
     self.linear1 = linear(d_model, dim_feedforward)
     self.linear2 = linear(dim_feedforward, d_model)
     self.norm1 = nnx.LayerNorm(d_model, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
@@ -129,9 +135,10 @@ class TransformerEncoder(nnx.Module):
   """A stack of post-norm layers, the position added in every layer, no final norm."""
 
   def __init__(self, num_layers: int, d_model: int, n_head: int, dim_feedforward: int,
-               dropout: float, *, dtype=jnp.float32, rngs: nnx.Rngs):
+               dropout: float, *, dtype=jnp.float32, kernels: str = 'auto', rngs: nnx.Rngs):
     self.layers = nnx.List([
-        EncoderLayer(d_model, n_head, dim_feedforward, dropout, dtype=dtype, rngs=rngs)
+        EncoderLayer(d_model, n_head, dim_feedforward, dropout, dtype=dtype, kernels=kernels,
+                     rngs=rngs)
         for _ in range(num_layers)])
 
   def __call__(self, x: jax.Array, pos: jax.Array | None, *, attention: str | None = None):

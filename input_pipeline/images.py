@@ -1,0 +1,88 @@
+"""Reading images, and the accounting of bad samples.
+
+The one place that turns image files or encoded bytes into RGB uint8 arrays
+(training, evaluation, the TFDS builders and `predict` all read through it),
+and that counts and reports samples that cannot be used: an image that is
+missing, unreadable, truncated or undecodable (`BadImageError`), or a person
+box that cannot be cropped (`BadSampleError`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import cv2
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+_bad_samples = 0
+
+
+class BadSampleError(ValueError):
+  """A sample that cannot be cropped faithfully (with fail_on_bad_sample)."""
+
+
+class BadImageError(BadSampleError):
+  """An image that is missing, unreadable or truncated."""
+
+
+def bad_sample_count() -> int:
+  """Bad samples met so far in this process (worker processes count their own)."""
+  return _bad_samples
+
+
+def report_bad_sample(error: Exception, fail: bool) -> None:
+  """Counts a bad sample and warns naming it; with `fail`, raises instead
+  (`data.fail_on_bad_sample`)."""
+  global _bad_samples
+  _bad_samples += 1
+  if fail:
+    raise BadSampleError(f'{error} (data.fail_on_bad_sample is set)') from error
+  logger.warning('skipping bad sample #%d: %s', _bad_samples, error)
+
+
+def _looks_truncated(data: bytes) -> bool:
+  """True if a JPEG/PNG stream lacks its end marker (cv2 would pad it grey)."""
+  if data[:2] == b'\xff\xd8':
+    # Some writers append padding after EOI: look near the end.
+    return b'\xff\xd9' not in data[-1024:]
+  if data[:8] == b'\x89PNG\r\n\x1a\n':
+    return b'IEND' not in data[-32:]
+  return False
+
+
+def check_encoded(data: bytes, name: str) -> None:
+  """Raises BadImageError for empty or truncated encoded data."""
+  if not data:
+    raise BadImageError(f'image {name!r} is empty')
+  if _looks_truncated(data):
+    raise BadImageError(f'image {name!r} is truncated (no end marker)')
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+  """Encoded bytes -> RGB uint8 [H, W, 3], as cv2.imread + BGR2RGB would.
+
+  Raises:
+    BadImageError: empty, undecodable or truncated data.
+  """
+  check_encoded(data, name)
+  image = cv2.imdecode(np.frombuffer(data, np.uint8),
+                       cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+  if image is None:
+    raise BadImageError(f'image {name!r} cannot be decoded')
+  return image
+
+
+def read_image_data(path: str) -> bytes:
+  """The encoded bytes of an image file (BadImageError if unreadable)."""
+  try:
+    with open(path, 'rb') as f:
+      return f.read()
+  except OSError as e:
+    raise BadImageError(f'image {path!r} cannot be read: {e}') from e
+
+
+def read_image(path: str) -> np.ndarray:
+  """Reads and decodes an image file to RGB uint8 (see decode_image)."""
+  return decode_image(read_image_data(path), path)

@@ -1,0 +1,104 @@
+"""Ahead-of-time lowering from this CPU host picks the kernels of the target.
+
+The training step and the flip-test evaluation forward of TP-R-A3 and TP-H-A4
+are exported with `jax.export` for 'cuda' and 'tpu' (one lowering for both)
+and for 'cpu', with `config.model.kernels='auto'`. Every op in a lowered
+module carries its source location, so a module holds CPU kernels exactly
+when some location is in `transpose_jax/kernels/cpu.py`: the accelerator
+modules must have none, the CPU module must. For TP-R-A3 the module lowered
+for 'cuda' alone also has the convolution and matrix-product counts of the
+reference-kernel module lowered for the CPU (a module for two platforms
+holds each op once per platform).
+
+Nothing here runs or compiles: shapes only (`models.build(abstract=True)`).
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import export
+
+from transpose_jax import models
+from transpose_jax import sharding
+from transpose_jax.checkpoints import official
+from transpose_jax.evaluation import forward
+from transpose_jax.training import optim
+from transpose_jax.training import trainer
+
+ACCELERATORS = ('cuda', 'tpu')
+CPU_KERNELS = 'transpose_jax/kernels/cpu.py'
+BATCH = 2
+
+
+def _config(variant: str, kernel_choice: str):
+  config = official.variant_config(variant)
+  config.model.kernels = kernel_choice
+  config.batch_size = BATCH
+  return config
+
+
+def _placed(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def lower_train_step(variant: str, platforms: tuple[str, ...], kernel_choice: str = 'auto') -> str:
+  """The StableHLO text of the training step exported for `platforms`."""
+  config = _config(variant, kernel_choice)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  model = trainer.split_model(models.build(config.model, abstract=True))
+  tx, _ = optim.make_optimizer(config, 10, model.params)
+  state = dict(params=model.params, rest=model.rest,
+               opt_state=jax.eval_shape(tx.init, model.params),
+               step=jax.ShapeDtypeStruct((), jnp.int32))
+  shardings = trainer.train_state_shardings(state, mesh, config.fsdp)
+  step = trainer.make_train_step(model, tx, mesh, shardings, config.sync_batchnorm,
+                                 platform=platforms[0])
+  (h, w), (hh, hw), k = (config.model.image_size, config.model.heatmap_size,
+                         config.model.num_joints)
+  on_batch = sharding.batch_sharding(mesh)
+  batch = {'image': jax.ShapeDtypeStruct((BATCH, h, w, 3), jnp.uint8, sharding=on_batch),
+           'target': jax.ShapeDtypeStruct((BATCH, hh, hw, k), jnp.float32, sharding=on_batch),
+           'target_weight': jax.ShapeDtypeStruct((BATCH, k), jnp.float32, sharding=on_batch)}
+  key = jax.eval_shape(lambda: jax.random.key(0, impl=config.dropout_rng))
+  exported = export.export(step, platforms=platforms)(_placed(state, shardings), batch, key)
+  return exported.mlir_module()
+
+
+def lower_eval_forward(variant: str, platforms: tuple[str, ...],
+                       kernel_choice: str = 'auto') -> str:
+  """The StableHLO text of the evaluation forward (flip test) exported for `platforms`."""
+  config = _config(variant, kernel_choice)
+  graphdef, state = forward.eval_copy(models.build(config.model, abstract=True))
+  h, w = config.model.image_size
+  images = jax.ShapeDtypeStruct((BATCH, h, w, 3), jnp.uint8)
+  exported = export.export(forward.eval_forward, platforms=platforms)(
+      graphdef, state, images, flip_pairs=forward.flip_pairs_for(config.model.num_joints),
+      flip_test=True, shift_heatmap=False, attention=None, platform=platforms[0])
+  return exported.mlir_module()
+
+
+def _counts(module_text: str) -> tuple[int, int]:
+  return (module_text.count('stablehlo.convolution'), module_text.count('stablehlo.dot_general'))
+
+
+@pytest.mark.parametrize('lower', [lower_train_step, lower_eval_forward],
+                         ids=['train_step', 'eval_forward'])
+@pytest.mark.parametrize('variant', ['tp_r_a3', 'tp_h_a4'])
+def test_auto_kernels_follow_the_lowering_platform(variant, lower):
+  accelerators = lower(variant, ACCELERATORS)
+  assert CPU_KERNELS not in accelerators
+  cpu_module = lower(variant, ('cpu',))
+  assert CPU_KERNELS in cpu_module
+  if variant == 'tp_r_a3':
+    # Structurally the reference path, convolution for convolution.
+    assert _counts(lower(variant, ('cuda',))) == _counts(lower(variant, ('cpu',), 'reference'))
+
+
+def test_cpu_training_step_takes_the_cpu_kernel_gradients():
+  """The counts tell the two paths apart: on the CPU the kxk kernel
+  gradients are im2col matrix products, not convolutions."""
+  convolutions, dots = _counts(lower_train_step('tp_r_a3', ('cpu',)))
+  reference_convolutions, reference_dots = _counts(
+      lower_train_step('tp_r_a3', ('cpu',), 'reference'))
+  assert convolutions < reference_convolutions and dots > reference_dots

@@ -1,0 +1,166 @@
+"""The official-checkpoint converter against outputs of the official PyTorch code."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import PROJECT_ROOT
+from transpose_jax.checkpoints import flat, official, store
+from transpose_jax import models
+
+VARIANTS = ('tp_r_a3', 'tp_r_a4', 'tp_h_s', 'tp_h_a4', 'tp_h_a6')
+# reference/README.md "Suggested tolerances" (10x the official model's own float noise).
+TOLERANCES = {'tp_r_a3': dict(heatmaps=4e-4, attention=4e-5, features=8e-4),
+              'tp_h_s': dict(heatmaps=5e-3, attention=4e-3, features=4e-3)}
+
+
+@pytest.fixture(scope='module')
+def manifest(reference_dir):
+  return json.loads((reference_dir / 'manifest.json').read_text())
+
+
+def _random_state_dict(entries, seed):
+  rng = np.random.default_rng(seed)
+  result = {}
+  for name, shape, dtype in entries:
+    if dtype == 'int64':
+      result[name] = rng.integers(0, 10_000, size=shape).astype(np.int64)
+    else:
+      result[name] = rng.standard_normal(shape).astype(np.float32)
+  return result
+
+
+@pytest.mark.parametrize('variant', sorted(TOLERANCES))
+def test_parity_with_official_outputs(variant, reference_dir):
+  fixture = reference_dir / variant
+  model = official.load_official(fixture / 'state_dict.pth', official.variant_config(variant))
+  io = np.load(fixture / 'io.npz')
+  tol = TOLERANCES[variant]
+  images = io['input'].transpose(0, 2, 3, 1)                    # NCHW -> NHWC
+  out = model.intermediates(images)
+  heatmaps, attention = out['heatmaps'], out['attention']
+  np.testing.assert_allclose(np.asarray(heatmaps).transpose(0, 3, 1, 2), io['heatmaps'],
+                             rtol=0, atol=tol['heatmaps'])
+  features = np.asarray(out['features']).transpose(1, 0, 2)          # -> [L, N, d]
+  np.testing.assert_allclose(features, io['features'], rtol=0, atol=tol['features'])
+  attention = np.asarray(attention, np.float64)
+  rows = io['attention_query_idx']
+  np.testing.assert_allclose(attention[:, :, rows, :], io['attention'], rtol=0, atol=tol['attention'])
+  # Every row of the full matrix, through the fixed random probe and the column mean.
+  probe = attention @ io['attention_probe_matrix'].astype(np.float64)
+  np.testing.assert_allclose(probe, io['attention_probe'], rtol=0, atol=tol['attention'])
+  np.testing.assert_allclose(attention.mean(2), io['attention_colmean'], rtol=0,
+                             atol=tol['attention'] / 10)
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_every_manifest_key_round_trips_bit_exactly(variant, manifest):
+  entries = manifest['variants'][variant]['state_dict']
+  state_dict = _random_state_dict(entries, seed=len(entries))
+  model = models.build(official.variant_config(variant).model)
+  report = official.load_state_dict(model, state_dict)
+  assert len(report.loaded) == len(entries)
+  back = official.to_official(model)
+  assert set(back) == set(state_dict)
+  for name, shape, dtype in entries:
+    assert back[name].dtype == np.dtype(dtype), name
+    assert back[name].shape == tuple(shape), name
+    np.testing.assert_array_equal(back[name], state_dict[name], err_msg=name)
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_variant_is_recognised_from_keys_and_shapes(variant, manifest):
+  entries = manifest['variants'][variant]['state_dict']
+  shapes_only = {name: np.empty(shape, np.int8) for name, shape, _ in entries}
+  assert official.detect_variant(shapes_only) == variant
+
+
+def test_wrong_variant_is_refused_with_the_mismatches(reference_dir):
+  with pytest.raises(flat.WeightMismatchError) as error:
+    official.load_official(reference_dir / 'tp_h_s' / 'state_dict.pth',
+                          official.variant_config('tp_r_a3'))
+  message = str(error.value)
+  assert 'missing in the checkpoint' in message and 'layer2.' in message
+  assert 'unexpected in the checkpoint' in message and 'stage3.' in message
+  assert 'shape mismatches' in message and 'reduce.weight' in message
+  assert error.value.missing and error.value.unexpected and error.value.mismatched
+
+
+def test_other_image_size_is_refused_with_a_hint(reference_dir):
+  config = official.variant_config('tp_r_a3')
+  config.model.image_size = (384, 288)
+  config.model.heatmap_size = (96, 72)
+  with pytest.raises(flat.WeightMismatchError, match='image_size'):
+    official.load_official(reference_dir / 'tp_r_a3' / 'state_dict.pth', config)
+
+
+def test_module_prefix_and_training_checkpoint_wrapper(tmp_path, reference_dir):
+  import torch
+  state_dict = torch.load(reference_dir / 'tp_r_a3' / 'state_dict.pth', weights_only=True)
+  wrapped = {'epoch': 3, 'state_dict': {'module.' + k: v for k, v in state_dict.items()}}
+  torch.save(wrapped, tmp_path / 'checkpoint.pth')
+  loaded = official.read_state_dict(tmp_path / 'checkpoint.pth')
+  assert set(loaded) == set(state_dict)
+  np.testing.assert_array_equal(loaded['reduce.weight'], state_dict['reduce.weight'].numpy())
+
+
+def test_not_a_checkpoint_and_missing_file(tmp_path):
+  bogus = tmp_path / 'notes.pth'
+  bogus.write_text('this is not a checkpoint')
+  with pytest.raises(ValueError, match='not a readable PyTorch checkpoint'):
+    official.read_state_dict(bogus)
+  with pytest.raises(FileNotFoundError, match='missing.pth'):
+    official.read_state_dict(tmp_path / 'missing.pth')
+
+
+def test_partial_load_of_an_imagenet_resnet50(tmp_path):
+  """A torchvision ResNet-50 state_dict: stem, layer1 and layer2 load; the rest is reported."""
+  import torch
+  config = official.variant_config('tp_r_a3')
+  donor = models.build(config.model, seed=1)
+  backbone = {k: torch.from_numpy(v) for k, v in official.to_official(donor).items()
+              if k.split('.')[0] in ('conv1', 'bn1', 'layer1', 'layer2')}
+  backbone['layer3.0.conv1.weight'] = torch.zeros(256, 512, 1, 1)
+  backbone['fc.weight'] = torch.zeros(1000, 2048)
+  torch.save(backbone, tmp_path / 'resnet50.pth')
+  reports = []
+  model = official.load_official(tmp_path / 'resnet50.pth', config, partial=True, report=reports)
+  report = reports[0]
+  assert set(report.unexpected) == {'layer3.0.conv1.weight', 'fc.weight'}
+  assert 'reduce.weight' in report.missing and 'final_layer.weight' in report.missing
+  got = official.to_official(model)
+  np.testing.assert_array_equal(got['layer2.3.conv3.weight'], backbone['layer2.3.conv3.weight'].numpy())
+  with pytest.raises(flat.WeightMismatchError):
+    official.load_official(tmp_path / 'resnet50.pth', config)
+
+
+def _run_cli(*args):
+  return subprocess.run([sys.executable, '-m', 'transpose_jax.convert', *map(str, args)],
+                        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_writes_a_checkpoint_that_restores(tmp_path, reference_dir):
+  pth = reference_dir / 'tp_r_a3' / 'state_dict.pth'
+  result = _run_cli('--checkpoint', pth, '--output', tmp_path / 'ckpt')
+  assert result.returncode == 0, result.stderr
+  assert 'recognised variant: tp_r_a3' in result.stdout
+  config = official.variant_config('tp_r_a3')
+  restored = store.restore_model(tmp_path / 'ckpt', config)
+  expected = official.read_state_dict(pth)
+  got = official.to_official(restored)
+  for key, value in expected.items():
+    np.testing.assert_array_equal(got[key], value, err_msg=key)
+  # Restoring into another variant names the differences.
+  with pytest.raises(ValueError, match='model.name'):
+    store.restore_model(tmp_path / 'ckpt', official.variant_config('tp_h_s'))
+
+
+def test_cli_refuses_a_wrong_config_and_writes_nothing(tmp_path, reference_dir):
+  result = _run_cli('--checkpoint', reference_dir / 'tp_h_s' / 'state_dict.pth',
+                    '--config', PROJECT_ROOT / 'configs' / 'tp_r_a3.py', '--output', tmp_path / 'out')
+  assert result.returncode == 2
+  assert 'missing in the checkpoint' in result.stderr
+  assert not (tmp_path / 'out').exists()

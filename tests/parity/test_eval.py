@@ -1,0 +1,238 @@
+"""End-to-end evaluation of the converted tp_r_a3 fixture on the COCO sample.
+
+The fixture weights are random, so the AP itself is meaningless; these tests
+check that every stage runs on real data and produces the official files,
+that the evaluation forward is the model's (against the official heatmaps),
+and that bad input fails with messages naming the problem.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from transpose_jax import keypoints
+from transpose_jax.checkpoints import store
+from transpose_jax.configs import tp_r_a3
+from transpose_jax.evaluation import coco_metrics
+from transpose_jax.evaluation import decode
+from transpose_jax.evaluation import evaluate
+from transpose_jax.evaluation import forward
+from transpose_jax.input_pipeline import splits
+
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[2]
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
+IMAGENET_STD = np.array([0.229, 0.224, 0.225])
+
+
+@pytest.fixture(scope='module')
+def coco_root(data_dir, tmp_path_factory):
+  """The flat COCO sample as a COCO-layout root (symlinks)."""
+  sample = data_dir / 'coco_sample'
+  root = tmp_path_factory.mktemp('coco')
+  (root / 'annotations').mkdir()
+  (root / 'images' / 'val2017').mkdir(parents=True)
+  os.symlink(sample / 'test_coco.json',
+             root / 'annotations' / 'person_keypoints_val2017.json')
+  for jpg in sample.glob('*.jpg'):
+    os.symlink(jpg, root / 'images' / 'val2017' / jpg.name)
+  return root
+
+
+def _config(root, **data):
+  config = tp_r_a3.get_config()
+  config.data.root = str(root)
+  config.data.num_workers = 0   # grain worker processes need parsed absl flags
+  config.eval.batch_size = 8
+  for key, value in data.items():
+    config.data[key] = value
+  return config
+
+
+@pytest.fixture(scope='module')
+def model(reference_dir):
+  return store.restore_model(
+      str(reference_dir / 'tp_r_a3' / 'state_dict.pth'), tp_r_a3.get_config())
+
+
+def test_eval_forward_matches_official_heatmaps(model, reference_dir):
+  with np.load(reference_dir / 'tp_r_a3' / 'io.npz') as f:
+    x, expected = f['input'], f['heatmaps']
+  # io.npz inputs are uint8 images through ToTensor + Normalize: invert.
+  images = np.round((x.transpose(0, 2, 3, 1) * IMAGENET_STD + IMAGENET_MEAN)
+                    * 255).astype(np.uint8)
+  got = forward.predict_heatmaps(model, images, flip_test=False)
+  np.testing.assert_allclose(got.transpose(0, 3, 1, 2), expected, atol=4e-4)
+  # Flip test = average with the un-flipped prediction on the mirrored input.
+  both = forward.predict_heatmaps(model, images, flip_test=True)
+  mirrored = forward.predict_heatmaps(model, images[:, :, ::-1], flip_test=False)
+  flipped = np.asarray(decode.flip_back(mirrored, keypoints.COCO.flip_pairs))
+  np.testing.assert_allclose(both, (got + flipped) * 0.5, atol=1e-5)
+
+
+def test_gt_boxes_end_to_end(model, coco_root, tmp_path):
+  config = _config(coco_root)
+  split = splits.build_split(config, train=False)
+  metrics = evaluate.evaluate(model, config, split, workdir=tmp_path)
+  assert list(metrics) == list(coco_metrics.STAT_NAMES)
+  assert all(0.0 <= v <= 1.0 for v in metrics.values())
+  assert json.loads((tmp_path / 'metrics.json').read_text()) == metrics
+  results = json.loads((tmp_path / 'results.json').read_text())
+  # 12 labelled persons; random weights: NMS may merge a few.
+  assert 0 < len(results) <= len(split.records) == 12
+  image_ids = {r['image_id'] for r in split.records}
+  for r in results:
+    assert r['category_id'] == 1 and r['image_id'] in image_ids
+    assert len(r['keypoints']) == 51 and np.isfinite(r['keypoints']).all()
+    assert 0.0 <= r['score'] <= 1.5
+  # The keypoints are the decoded heatmaps of the pipeline's crops.
+  out = evaluate.run_inference(model, config, split)
+  np.testing.assert_array_equal(out['index'], np.arange(12))
+  by_box = {(r['image_id'], tuple(np.float32(r['center']))): i
+            for i, r in enumerate(split.records)}
+  for r in results:
+    i = by_box[(r['image_id'], tuple(np.float32(r['center'])))]
+    np.testing.assert_allclose(
+        np.array(r['keypoints']).reshape(17, 3)[:, :2], out['preds'][i],
+        atol=1e-3)
+
+
+def test_detection_boxes(model, coco_root, data_dir, tmp_path):
+  det = data_dir / 'coco_sample' / 'test_coco_det_AP_H_56.json'
+  config = _config(coco_root, use_gt_bbox=False, detection_file=str(det),
+                   image_thre=0.5)
+  split = splits.build_split(config, train=False)
+  num_boxes = sum(d['score'] >= 0.5 for d in json.loads(det.read_text()))
+  assert len(split.records) == num_boxes
+  metrics = evaluate.evaluate(model, config, split, workdir=tmp_path)
+  assert set(metrics) == set(coco_metrics.STAT_NAMES)
+  results = json.loads((tmp_path / 'results.json').read_text())
+  assert 0 < len(results) <= num_boxes
+
+
+def test_unknown_detection_image_ids_fail_fast(coco_root, tmp_path):
+  det = tmp_path / 'det.json'
+  det.write_text(json.dumps([
+      {'image_id': 999001, 'category_id': 1, 'bbox': [10, 10, 50, 100],
+       'score': 0.9},
+      {'image_id': 785, 'category_id': 1, 'bbox': [10, 10, 50, 100],
+       'score': 0.9}]))
+  config = _config(coco_root, use_gt_bbox=False, detection_file=str(det))
+  split = splits.build_split(config, train=False)
+  with pytest.raises(ValueError, match='999001'):
+    evaluate.check_split(config, split)
+
+
+def test_missing_files_are_named(coco_root, tmp_path):
+  config = _config(tmp_path / 'nowhere')
+  with pytest.raises(FileNotFoundError, match='nowhere'):
+    evaluate.evaluate_checkpoint(config, str(coco_root), str(tmp_path / 'out'))
+  config = _config(coco_root)
+  with pytest.raises(FileNotFoundError, match='missing.pth'):
+    evaluate.evaluate_checkpoint(config, str(tmp_path / 'missing.pth'), str(tmp_path / 'out'))
+  config = _config(coco_root, use_gt_bbox=False,
+                   detection_file=str(tmp_path / 'dets.json'))
+  with pytest.raises(FileNotFoundError, match='dets.json'):
+    evaluate.evaluate_checkpoint(config, str(coco_root), str(tmp_path / 'out'))
+
+
+def _run_cli(*args):
+  env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, str(PROJECT_ROOT / 'eval.py'), *args],
+                        cwd=PROJECT_ROOT, env=env, capture_output=True,
+                        text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_cli_official_checkpoint(reference_dir, coco_root, tmp_path):
+  pth = reference_dir / 'tp_r_a3' / 'state_dict.pth'
+  proc = _run_cli('--config=configs/tp_r_a3.py', f'--checkpoint={pth}',
+                  f'--workdir={tmp_path}', f'--config.data.root={coco_root}',
+                  '--config.eval.batch_size=8')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  metrics = json.loads((tmp_path / 'metrics.json').read_text())
+  assert list(metrics) == list(coco_metrics.STAT_NAMES)
+  assert '| Arch | AP |' in proc.stdout
+  assert json.loads((tmp_path / 'results.json').read_text())
+
+
+@pytest.mark.slow
+def test_cli_checkpoint_of_another_variant(reference_dir, coco_root, tmp_path):
+  pth = reference_dir / 'tp_h_s' / 'state_dict.pth'
+  proc = _run_cli('--config=configs/tp_r_a3.py', f'--checkpoint={pth}',
+                  f'--workdir={tmp_path}', f'--config.data.root={coco_root}')
+  assert proc.returncode != 0
+  assert 'error:' in proc.stderr and 'tp_h_s' in proc.stderr
+  assert not (tmp_path / 'metrics.json').exists()
+
+
+@pytest.mark.slow
+def test_cli_unknown_config_key(tmp_path):
+  proc = _run_cli('--config=configs/tp_r_a3.py', '--checkpoint=x',
+                  f'--workdir={tmp_path}', '--config.data.rooot=x')
+  assert proc.returncode != 0 and 'rooot' in proc.stderr
+
+
+def _peak_model(num_joints, heatmap_size):
+  """Stand-in for a 16-joint model: a fixed Gaussian peak per joint."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  h, w = heatmap_size
+  yy, xx = np.mgrid[:h, :w]
+  maps = np.stack([np.exp(-((xx - 10 - j) ** 2 + (yy - 20 - j) ** 2) / 8.0)
+                   for j in range(num_joints)], -1).astype(np.float32)
+
+  class PeakModel(nnx.Module):
+
+    def __init__(self):
+      self.maps = nnx.Param(jnp.asarray(maps))
+
+    def __call__(self, x):
+      return jnp.broadcast_to(self.maps[...], (x.shape[0],) + maps.shape)
+
+    def intermediates(self, x, *, attention=None, features=False):
+      del attention, features
+      return {'heatmaps': self(x), 'attention': None}
+
+  return PeakModel()
+
+
+def test_mpii_loop_writes_official_files(data_dir, tmp_path):
+  from transpose_jax.evaluation import mpii_metrics  # pylint: disable=g-import-not-at-top
+  sample = data_dir / 'mpii_sample'
+  root = tmp_path / 'mpii'
+  (root / 'annot').mkdir(parents=True)
+  (root / 'images').mkdir()
+  os.symlink(sample / 'test_mpii.json', root / 'annot' / 'valid.json')
+  for jpg in sample.glob('*.jpg'):
+    os.symlink(jpg, root / 'images' / jpg.name)
+  entries = json.loads((sample / 'test_mpii.json').read_text())
+  joints = np.array([e['joints'] for e in entries], np.float64)
+  vis = np.array([e['joints_vis'] for e in entries], np.float64)
+  heads = np.stack([joints[:, 9] - 30, joints[:, 9] + 30], axis=1)
+  mpii_metrics.save_ground_truth(str(root / 'annot' / 'gt_valid.mat'), joints,
+                                 vis, heads)
+  config = _config(root, dataset='mpii', val_split='valid')
+  config.model.num_joints = 16
+  split = splits.build_split(config, train=False)
+  model = _peak_model(16, config.model.heatmap_size)
+  out_dir = tmp_path / 'out'
+  metrics = evaluate.evaluate(model, config, split, workdir=out_dir)
+  assert list(metrics) == ['Head', 'Shoulder', 'Elbow', 'Wrist', 'Hip',
+                           'Knee', 'Ankle', 'Mean', 'Mean@0.1']
+  assert json.loads((out_dir / 'metrics.json').read_text()) == metrics
+  # pred.mat holds the decoded predictions, 1-based, in annotation order.
+  import scipy.io  # pylint: disable=g-import-not-at-top
+  pred = scipy.io.loadmat(str(out_dir / 'pred.mat'))['preds']
+  out = evaluate.run_inference(model, config, split)
+  np.testing.assert_allclose(pred, out['preds'] + 1.0, rtol=1e-6)
+  assert metrics == dict(mpii_metrics.evaluate(
+      out['preds'], str(root / 'annot' / 'gt_valid.mat')))
+  # Missing gt .mat: named in the error, before any inference.
+  os.remove(root / 'annot' / 'gt_valid.mat')
+  with pytest.raises(FileNotFoundError, match='gt_valid.mat'):
+    evaluate.evaluate(model, config, split)

@@ -1,0 +1,1 @@
+"""Checkpoints: flat weights, official .pth conversion, orbax model checkpoints."""

@@ -1,0 +1,167 @@
+"""Model checkpoints on disk (orbax), shared by the converter, train.py and eval.py.
+
+Layout: an orbax CheckpointManager directory whose steps hold at least
+  - MODEL_ITEM ('model'): the flat weights {dotted path: array}
+    (see `checkpoints.flat`),
+  - META_ITEM ('meta'): JSON naming the variant and the model config, so a
+    checkpoint of another variant is refused with the differences listed.
+This module owns those two items (`model_save_args`, `model_restore_args`,
+`load_model_item`); training adds its own items (optimizer state, step, RNG,
+data iterator) to the same steps, and `restore_model` reads only these two.
+
+`restore_model` accepts such a directory, a training workdir (its
+`checkpoints/` folder), one step folder of either, or an official `.pth`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from transpose_jax import models
+from transpose_jax.checkpoints import flat
+from transpose_jax.checkpoints import official
+
+MODEL_ITEM = 'model'
+META_ITEM = 'meta'
+MODEL_ITEMS = (MODEL_ITEM, META_ITEM)
+FORMAT = 'transpose_jax.model/1'
+# Fields that change the weights' names or shapes; anything else (dropout,
+# compute dtype) may differ between saving and restoring.
+_ARCHITECTURE_FIELDS = ('name', 'image_size', 'num_joints', 'd_model', 'dim_feedforward', 'n_head',
+                        'encoder_layers', 'pos_embedding', 'head', 'final_conv_kernel', 'resnet',
+                        'hrnet')
+
+
+def model_save_args(model: nnx.Module, config, *, to_host: bool = True) -> dict:
+  """{MODEL_ITEM, META_ITEM: orbax save args} for `model` built from `config`.
+
+  With `to_host=False` the weights are saved from their devices (sharded
+  training state), else from host copies.
+  """
+  return {MODEL_ITEM: ocp.args.StandardSave(flat.flat_weights(model, to_host=to_host)),
+          META_ITEM: ocp.args.JsonSave(model_meta(config))}
+
+
+def model_restore_args(model: nnx.Module, *, sharded: bool = False) -> dict:
+  """{MODEL_ITEM: orbax restore args} with `model`'s weights as the target:
+  host numpy arrays, or with `sharded` arrays placed as `model`'s own are."""
+  arrays = flat.flat_weights(model, to_host=not sharded)
+  if sharded:
+    arrays = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), arrays)
+  return {MODEL_ITEM: ocp.args.StandardRestore(arrays)}
+
+
+def load_model_item(model: nnx.Module, restored, source: str) -> None:
+  """Write a restored MODEL_ITEM into `model`; names and shapes must fit exactly."""
+  flat.load_flat_weights(model, dict(restored[MODEL_ITEM]), source)
+
+
+def _architecture(model_config) -> dict:
+  c = model_config.to_dict() if hasattr(model_config, 'to_dict') else dict(model_config)
+  return json.loads(json.dumps({k: c.get(k) for k in _ARCHITECTURE_FIELDS}))
+
+
+def model_meta(config) -> dict:
+  return {'format': FORMAT, 'variant': config.get('variant', ''),
+          'model': json.loads(json.dumps(config.model.to_dict()))}
+
+
+def check_meta(meta: dict, config, path) -> None:
+  """Refuse a checkpoint whose architecture differs from the config's."""
+  if meta.get('format') != FORMAT:
+    raise ValueError(f'{path}: not a transpose-jax model checkpoint (format {meta.get("format")!r})')
+  saved = _architecture(meta['model'])
+  wanted = _architecture(config.model)
+  differences = [f'model.{k}: checkpoint {saved[k]!r} vs config {wanted[k]!r}'
+                 for k in _ARCHITECTURE_FIELDS if saved[k] != wanted[k]]
+  if differences:
+    raise ValueError(
+        f'{path} holds a {meta.get("variant") or "different"} model, but the config is '
+        f'{config.get("variant", "")!r}:\n  ' + '\n  '.join(differences) +
+        '\nUse the config the checkpoint was made with (or another workdir).')
+
+
+def _manager(directory, **options) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      pathlib.Path(directory).absolute(), item_names=MODEL_ITEMS,
+      options=ocp.CheckpointManagerOptions(create=True, **options))
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+  """The META_ITEM of `step`."""
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      META_ITEM: ocp.args.JsonRestore()}))
+  return restored[META_ITEM]
+
+
+def save_model(directory, model: nnx.Module, config, *, step: int = 0) -> None:
+  """Write a model-only checkpoint (what the converter produces)."""
+  with _manager(directory) as manager:
+    manager.save(step, args=ocp.args.Composite(**model_save_args(model, config)))
+    manager.wait_until_finished()
+
+
+def locate(path) -> tuple[pathlib.Path, int]:
+  """(manager directory, step) for a manager dir, a train workdir or a step folder."""
+  path = pathlib.Path(path).absolute()
+  if not path.exists():
+    raise FileNotFoundError(f'checkpoint not found: {path}')
+  for candidate in (path, path / 'checkpoints'):
+    if candidate.is_dir():
+      steps = ocp.utils.checkpoint_steps(candidate)
+      if steps:
+        return candidate, max(steps)
+  if path.name.isdigit() and (path / MODEL_ITEM).exists():
+    return path.parent, int(path.name)
+  raise FileNotFoundError(
+      f'no transpose-jax checkpoint under {path}: expected a directory written by '
+      '`python -m transpose_jax.convert` or a train.py workdir (or its checkpoints/ folder)')
+
+
+def restore_model(path, config) -> nnx.Module:
+  """An eval-mode model for `config` holding the weights at `path`.
+
+  `path`: an official `.pth` (converted on the fly), a converter output
+  directory, a train.py workdir, or one step folder of those.
+  """
+  if str(path).endswith(('.pth', '.pt')):
+    return official.load_official(path, config)
+  directory, step = locate(path)
+  with _manager(directory) as manager:
+    check_meta(read_meta(manager, step), config, directory / str(step))
+    model = models.build(config.model, seed=config.seed)
+    restored = manager.restore(step, args=ocp.args.Composite(**model_restore_args(model)))
+  load_model_item(model, restored, source=str(directory / str(step)))
+  model.eval()
+  return model
+
+
+def load_init(model: nnx.Module, init_from: str, config) -> str:
+  """Initialise `model` (in place) from `config.init_from`; returns a summary.
+
+  An official TransPose `.pth` of the same variant loads strictly; anything
+  else (an ImageNet ResNet-50 / HRNet backbone, or a COCO model being
+  fine-tuned with a new head) loads partially. Prefixes in
+  `config.init_reinit` keep their fresh initialisation either way.
+  """
+  if not init_from:
+    return 'no init_from: trained from scratch'
+  if init_from.endswith(('.pth', '.pt')):
+    state_dict = official.read_state_dict(init_from)
+  else:
+    donor = restore_model(init_from, config)
+    state_dict = official.to_official(donor)
+  reinit = tuple(config.get('init_reinit', ()) or ())
+  state_dict = {k: v for k, v in state_dict.items() if not k.startswith(reinit)}
+  expected = official.official_layout(model)
+  partial = bool(reinit) or set(state_dict) != set(expected)
+  report = official.load_state_dict(model, state_dict, partial=partial, source=init_from)
+  return f'init from {init_from}: ' + report.summary()

@@ -1,0 +1,1 @@
+"""Inference on any image: poses (`predict`), attention explanations (`explain`), pictures (`visualize`)."""

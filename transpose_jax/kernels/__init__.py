@@ -1,0 +1,102 @@
+"""Kernel sets: which implementation of each compute-heavy op a model runs.
+
+The model (`transpose_jax.models`) describes TransPose only; every
+convolution, BatchNorm, max-pool, transposed convolution and encoder
+attention goes through one of these sets:
+
+- `REFERENCE` (`kernels.reference`): plain JAX, differentiated by autodiff;
+  what GPU and TPU compilers are built for.
+- `CPU` (`kernels.cpu`): the same ops arranged for XLA:CPU (matmul 1x1
+  convolutions, im2col kernel gradients, closed-form BatchNorm gradient,
+  sliced max-pool, sub-pixel deconvolution, hand-written attention gradient).
+
+`config.model.kernels` chooses: 'reference', 'cpu', or 'auto' (default),
+which takes CPU kernels for a computation lowered for the CPU and the
+reference ones for any other platform. 'auto' is decided when the model is
+traced, from the platform being lowered for: code that lowers for a known
+platform (the training step and the evaluation forward use the platform of
+their mesh; an ahead-of-time export uses its target) says so with
+`lowering_for(platform)`; elsewhere it is JAX's default backend, where a
+plain `jax.jit` runs. So a step exported for 'cuda' or 'tpu' from a CPU
+host gets the reference kernels, and a CPU run gets the CPU ones.
+
+A jitted function whose trace depends on the choice must be keyed by the
+platform (a static argument or a closure), as the model's own compiled
+forward and the training step are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from typing import Callable, Iterator
+
+import jax
+
+from transpose_jax.kernels import cpu
+from transpose_jax.kernels import reference
+
+CHOICES = ('auto', 'reference', 'cpu')
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+  """One implementation of each op; see `kernels.reference` for signatures."""
+  name: str
+  conv2d: Callable
+  pointwise_conv: Callable
+  batch_norm_train: Callable
+  max_pool_3x3_s2: Callable
+  deconv4x4: Callable
+  attention: Callable
+
+
+REFERENCE = Kernels(
+    name='reference', conv2d=reference.conv2d, pointwise_conv=reference.pointwise_conv,
+    batch_norm_train=reference.batch_norm_train, max_pool_3x3_s2=reference.max_pool_3x3_s2,
+    deconv4x4=reference.deconv4x4, attention=reference.attention)
+CPU = Kernels(
+    name='cpu', conv2d=cpu.conv2d, pointwise_conv=cpu.pointwise_conv,
+    batch_norm_train=cpu.batch_norm_train, max_pool_3x3_s2=cpu.max_pool_3x3_s2,
+    deconv4x4=cpu.deconv4x4, attention=cpu.attention)
+
+_TARGET = contextvars.ContextVar('transpose_jax_lowering_platform', default=None)
+
+
+def platform_of(devices) -> str:
+  """The platform name ('cpu', 'gpu', 'tpu', ...) of a mesh or of devices."""
+  devices = getattr(devices, 'devices', devices)       # a Mesh
+  first = next(iter(getattr(devices, 'flat', devices)))
+  return first.platform
+
+
+@contextlib.contextmanager
+def lowering_for(platform: str) -> Iterator[None]:
+  """Traces inside resolve 'auto' for `platform` ('cpu', 'cuda', 'gpu', 'tpu')."""
+  token = _TARGET.set(platform)
+  try:
+    yield
+  finally:
+    _TARGET.reset(token)
+
+
+def current_platform() -> str:
+  """The platform being lowered for: `lowering_for`'s, else JAX's default backend."""
+  return _TARGET.get() or jax.default_backend()
+
+
+def resolve(choice: str, platform: str) -> Kernels:
+  """The kernel set `choice` ('auto', 'reference', 'cpu') names on `platform`."""
+  if choice == 'reference':
+    return REFERENCE
+  if choice == 'cpu':
+    return CPU
+  if choice == 'auto':
+    return CPU if platform == 'cpu' else REFERENCE
+  raise ValueError(f'config.model.kernels={choice!r}: expected one of {CHOICES}')
+
+
+def select(choice: str) -> Kernels:
+  """`resolve(choice, current_platform())`: what a layer calls while traced."""
+  return resolve(choice, current_platform())

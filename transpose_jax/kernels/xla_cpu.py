@@ -1,0 +1,95 @@
+"""The XLA:CPU setting the CPU kernels are tuned for, applied by entry points.
+
+jaxlib 0.10 hands every convolution on the CPU to YNNPACK. For the HRNet and
+ResNet 3x3 convolutions at batch 8 on this project's 2-core AVX2 machine,
+XLA's Eigen convolutions are faster forward and in the input gradient,
+about twice as fast forward at HRNet-W48's 48-channel 64x48 branch
+(`benchmarks/convolutions.py` times both back ends; docs/performance.md).
+Matrix products, reductions and elementwise fusions stay with YNNPACK.
+
+`configure()` is called by the entry points (train.py, eval.py, the
+`python -m transpose_jax.*` tools, the benchmarks, the test suite), never on
+import of the library, and only for a process that computes on the CPU: not
+when JAX_PLATFORMS names an accelerator first, nor (JAX_PLATFORMS unset)
+when a GPU or TPU plugin is installed. It only takes effect before JAX starts
+its CPU backend. A run whose XLA_FLAGS already set the YNNPACK fusion types
+keeps that choice; TRANSPOSE_JAX_YNNPACK_CONV=1 keeps YNNPACK for
+convolutions.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+
+FLAG = 'xla_cpu_experimental_ynn_fusion_type'
+EIGEN_CONVOLUTIONS = f'--{FLAG}=-individual_convolution'
+# Older jaxlibs do not know the flag, and XLA aborts on an unknown flag in
+# XLA_FLAGS. This is the first release it was measured with.
+_FIRST_JAXLIB = (0, 10)
+
+
+def _jaxlib_version() -> tuple[int, ...]:
+  try:
+    text = importlib.metadata.version('jaxlib')
+  except importlib.metadata.PackageNotFoundError:
+    return ()
+  parts = []
+  for piece in text.split('.')[:2]:
+    digits = ''.join(ch for ch in piece if ch.isdigit())
+    parts.append(int(digits or 0))
+  return tuple(parts)
+
+
+# Distributions that give JAX a GPU or TPU backend.
+_ACCELERATOR_DISTRIBUTIONS = ('libtpu', 'libtpu-nightly', 'jax-cuda12-plugin', 'jax-cuda13-plugin',
+                              'jax-rocm6-plugin', 'jax-rocm7-plugin', 'jax-metal')
+
+
+def _accelerator_installed() -> bool:
+  """Whether JAX would find a GPU or TPU plugin in this environment."""
+  if importlib.metadata.entry_points(group='jax_plugins'):
+    return True
+  for name in _ACCELERATOR_DISTRIBUTIONS:
+    try:
+      importlib.metadata.distribution(name)
+      return True
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return importlib.util.find_spec('libtpu') is not None
+
+
+def runs_on_cpu(environ=os.environ) -> bool:
+  """Whether JAX will compute on the CPU in this process.
+
+  JAX_PLATFORMS decides when set (its first platform); otherwise any
+  installed accelerator plugin means an accelerator.
+  """
+  platforms = environ.get('JAX_PLATFORMS', '').strip()
+  if platforms:
+    return platforms.split(',')[0].strip().lower() == 'cpu'
+  return not _accelerator_installed()
+
+
+def configure(environ=os.environ) -> bool:
+  """`use_eigen_convolutions` for a process that computes on the CPU; returns
+  whether XLA_FLAGS changed."""
+  return runs_on_cpu(environ) and use_eigen_convolutions(environ)
+
+
+def use_eigen_convolutions(environ=os.environ) -> bool:
+  """Adds EIGEN_CONVOLUTIONS to environ['XLA_FLAGS'] and returns True.
+
+  It leaves XLA_FLAGS alone and returns False in these cases:
+  - XLA_FLAGS already names the flag;
+  - TRANSPOSE_JAX_YNNPACK_CONV is set to 1;
+  - the installed jaxlib predates the flag.
+  """
+  flags = environ.get('XLA_FLAGS', '')
+  if FLAG in flags or environ.get('TRANSPOSE_JAX_YNNPACK_CONV') == '1':
+    return False
+  if _jaxlib_version() < _FIRST_JAXLIB:
+    return False
+  environ['XLA_FLAGS'] = f'{flags} {EIGEN_CONVOLUTIONS}'.strip()
+  return True

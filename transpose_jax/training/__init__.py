@@ -1,0 +1,1 @@
+"""Training: the loop (`trainer`), optimizer and schedule (`optim`), loss (`losses`)."""
