@@ -21,12 +21,9 @@ JAX_NUM_PROCESSES, JAX_PROCESS_ID, or a TPU pod slice).
 """
 
 import os
-import sys
 
-from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
 from transpose_jax import cli
 from transpose_jax import config_schema
@@ -36,26 +33,17 @@ from transpose_jax.evaluation import evaluate
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                               'configs', 'tp_r_a3.py')
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', DEFAULT_CONFIG, 'Model / data config file (configs/*.py).',
-    lock_config=True)
-_CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', None,
-    'Official .pth, converter output directory or train.py workdir.')
+_CONFIG = cli.config_flag(DEFAULT_CONFIG, 'Model / data config')
+_CHECKPOINT = cli.checkpoint_flag()
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Output folder for results.json and metrics.json.')
 flags.mark_flags_as_required(['checkpoint', 'workdir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  del argv
   sharding.init_distributed()
-  try:
-    metrics = evaluate.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value,
-                                           _WORKDIR.value)
-  except (config_schema.ConfigError, FileNotFoundError, ValueError) as e:
-    sys.exit(f'error: {e}')
+  metrics = evaluate.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value, _WORKDIR.value)
   if metrics:
     logging.info('metrics: %s', metrics)
   else:
@@ -63,4 +51,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.run(main, default_config=DEFAULT_CONFIG)
+  cli.run(main, default_config=DEFAULT_CONFIG,
+          errors=(config_schema.ConfigError, FileNotFoundError, ValueError))

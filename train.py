@@ -15,9 +15,7 @@ JAX_NUM_PROCESSES and JAX_PROCESS_ID in each process's environment.
 import os
 import sys
 
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from transpose_jax import cli
 from transpose_jax import config_schema
@@ -28,26 +26,21 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                               'configs', 'demo.py')
 DEFAULT_WORKDIR = 'runs/demo'
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', DEFAULT_CONFIG, 'Training config file (configs/*.py).',
-    lock_config=True)
+_CONFIG = cli.config_flag(DEFAULT_CONFIG, 'Training config')
 _WORKDIR = flags.DEFINE_string(
     'workdir', DEFAULT_WORKDIR,
     'Run folder: checkpoints, metrics.jsonl, TensorBoard events, config.')
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  del argv
   sharding.init_distributed()
-  try:
-    result = trainer.train(_CONFIG.value, _WORKDIR.value)
-  except (config_schema.ConfigError, trainer.NonFiniteLossError,
-          trainer.WorkdirMismatchError) as e:
-    sys.exit(f'error: {e}')
+  result = trainer.train(_CONFIG.value, _WORKDIR.value)
   if result.preempted:
     sys.exit(trainer.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == '__main__':
-  cli.run(main, default_config=DEFAULT_CONFIG)
+  cli.run(main, default_config=DEFAULT_CONFIG,
+          errors=(config_schema.ConfigError, trainer.NonFiniteLossError,
+                  trainer.WorkdirMismatchError))

@@ -18,38 +18,40 @@ over minutes, a ratio taken from neighbouring minutes is the one to trust.
   yacs); its PyTorch step runs in a subprocess
   (`benchmarks/official_train_step.py`).
 - `--baseline DIR`: another checkout of this project (e.g. `git worktree add
-  DIR <commit>`); its own `benchmarks/train_step.py` runs in a subprocess,
-  with its code, for one variant and dtype per round. Compiled programs are
-  cached between its rounds (a JAX compilation cache under DIR).
+  DIR <commit>`). Both steps, this checkout's and DIR's, run in fresh worker
+  processes (`benchmarks/step_worker.py`, each with its checkout's code on
+  the path), compiled once, then take turns: round r times `--steps` steps of
+  one and then of the other, in ABBA order, so the two figures of a round are
+  seconds apart. Compiled programs are cached in the temp folder. The last
+  column says whether the two compiled steps are the same program (optimized
+  HLO instructions equal, source locations aside): if they are, any ratio
+  away from 1 is the machine's noise.
 Preload tcmalloc for every side (the Makefile does).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
-import time
+import tempfile
 from typing import Callable
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+sys.path.insert(0, ROOT)
 from transpose_jax.kernels import xla_cpu  # noqa: E402
 
 xla_cpu.configure()  # an entry point: before JAX starts its CPU backend
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from benchmarks import official_train_step  # noqa: E402
-from transpose_jax import config_schema  # noqa: E402
-from transpose_jax import sharding  # noqa: E402
-from transpose_jax.checkpoints import official  # noqa: E402
-from transpose_jax.training import optim  # noqa: E402
-from transpose_jax.training import trainer  # noqa: E402
+from benchmarks import step_worker  # noqa: E402
 
 VARIANTS = ('tp_r_a3', 'tp_r_a3_bilinear', 'tp_r_a4', 'tp_h_s', 'tp_h_a4', 'tp_h_a6')
 
@@ -67,75 +69,73 @@ def official_rate(official_dir: str, variant: str, dtype: str, batch: int,
   return json.loads(out.strip().splitlines()[-1])['images_per_s']
 
 
-def baseline_rate(baseline_dir: str, variant: str, dtype: str, batch: int,
-                  steps: int) -> float | None:
-  """images/s of the same step in another checkout of this project, run with
-  its own code and benchmark (the images/s column of its table row)."""
-  env = dict(os.environ, PYTHONPATH=baseline_dir,
-             JAX_COMPILATION_CACHE_DIR=os.path.join(baseline_dir, '.jax_cache'))
-  out = subprocess.run(
-      [sys.executable, os.path.join(baseline_dir, 'benchmarks', 'train_step.py'),
-       '--variants', variant, '--dtypes', dtype, '--batch', str(batch), '--steps', str(steps)],
-      cwd=baseline_dir, env=env, check=True, capture_output=True, text=True).stdout
-  for line in out.splitlines():
-    cells = [c.strip() for c in line.split('|')]
-    if len(cells) > 5 and cells[1] == variant and cells[2] == dtype:
-      return float(cells[5])
-  raise RuntimeError(f'no {variant} {dtype} row in the output of {baseline_dir}:\n{out}')
+class StepWorker:
+  """A `step_worker.py` process running the step of one checkout."""
+
+  def __init__(self, checkout: str, variant: str, dtype: str, batch: int):
+    checkout = os.path.abspath(checkout)
+    cache = os.path.join(tempfile.gettempdir(), 'transpose_jax_bench_cache',
+                         hashlib.sha256(checkout.encode()).hexdigest()[:16])
+    env = dict(os.environ, PYTHONPATH=checkout, JAX_COMPILATION_CACHE_DIR=cache)
+    self._log = tempfile.TemporaryFile(mode='w+')
+    # -P: benchmarks/ is not on the path, where input_pipeline.py would
+    # shadow the checkout's package of that name.
+    self._proc = subprocess.Popen(
+        [sys.executable, '-P', os.path.join(ROOT, 'benchmarks', 'step_worker.py'), variant,
+         dtype, str(batch)], cwd=checkout, env=env, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=self._log, text=True)
+    self.checkout = checkout
+    ready = self._read()
+    self.compile_s, self.program = ready['compile_s'], ready['program']
+
+  def _read(self) -> dict:
+    line = self._proc.stdout.readline()
+    if not line:
+      self._log.seek(0)
+      raise RuntimeError(f'the step worker of {self.checkout} ended:\n{self._log.read()[-3000:]}')
+    return json.loads(line)
+
+  def steps(self, n: int) -> list[float]:
+    """Seconds of each of `n` steps."""
+    times = []
+    for _ in range(n):
+      self._proc.stdin.write('step\n')
+      self._proc.stdin.flush()
+      times.append(self._read()['seconds'])
+    return times
+
+  def close(self) -> None:
+    if self._proc.poll() is None:
+      self._proc.stdin.write('quit\n')
+      self._proc.stdin.close()
+      self._proc.wait(timeout=120)
+    self._log.close()
 
 
-REFERENCES = {'official': ('official PyTorch', official_rate),
-              'baseline': ('baseline', baseline_rate)}
+def paired_rates(baseline_dir: str, variant: str, dtype: str, batch: int, steps: int,
+                 rounds: int) -> dict:
+  """images/s of this checkout's step and `baseline_dir`'s, in alternating rounds."""
+  ours = StepWorker(ROOT, variant, dtype, batch)
+  base = StepWorker(baseline_dir, variant, dtype, batch)
+  try:
+    rates = {ours: [], base: []}
+    for r in range(rounds):
+      for worker in ((ours, base) if r % 2 else (base, ours)):
+        rates[worker].append(batch / statistics.median(worker.steps(steps)))
+  finally:
+    ours.close()
+    base.close()
+  return dict(ours=rates[ours], baseline=rates[base], compile_s=ours.compile_s,
+              same_program=ours.program == base.program)
 
 
-def _config(variant: str, dtype: str, batch: int):
-  config = official.variant_config(variant)
-  config.model.compute_dtype = dtype
-  config.batch_size = batch
-  return config
+REFERENCES = {'official': 'official PyTorch', 'baseline': 'baseline'}
 
 
 def prepare(variant: str, dtype: str, batch: int) -> tuple[Callable[[int], list[float]], float]:
-  """Builds and compiles the step; returns (times of n further steps, compile s)."""
-  config = _config(variant, dtype, batch)
-  mesh = sharding.make_mesh()
-  config_schema.check_batch_size(batch, mesh.shape[sharding.DATA_AXIS], jax.process_count())
-  model = trainer.split_model(trainer.build_model(config, load_init=False))
-  tx, _ = optim.make_optimizer(config, 1000, model.params)
-  host = dict(params=model.params, rest=model.rest, opt_state=tx.init(model.params),
-              step=np.zeros((), np.int32))
-  state, shardings = trainer.place_state(host, mesh, config.fsdp)
-  step = trainer.make_train_step(model, tx, mesh, shardings, config.sync_batchnorm)
-  h, w = config.model.image_size
-  hh, hw = config.model.heatmap_size
-  k = config.model.num_joints
-  rng = np.random.default_rng(0)
-  local = {
-      'image': rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8),
-      'target': rng.random((batch, hh, hw, k), dtype=np.float32),
-      'target_weight': np.ones((batch, k), np.float32),
-  }
-  batch_arrays = sharding.global_batch(local, mesh)
-  key = jax.random.key(0, impl=config.dropout_rng)  # as train.py
-
-  def run_step():
-    nonlocal state
-    state, metrics = step(state, batch_arrays, key)
-    float(metrics['loss'])
-
-  start = time.perf_counter()
-  run_step()
-  compile_s = time.perf_counter() - start
-
-  def timed(n: int) -> list[float]:
-    times = []
-    for _ in range(n):
-      start = time.perf_counter()
-      run_step()
-      times.append(time.perf_counter() - start)
-    return times
-
-  return timed, compile_s
+  """Builds and compiles the step here; returns (times of n further steps, compile s)."""
+  run_step, compile_s, _ = step_worker.build(variant, dtype, batch)
+  return (lambda n: [run_step() for _ in range(n)]), compile_s
 
 
 def measure(variant: str, dtype: str, batch: int, steps: int,
@@ -143,20 +143,25 @@ def measure(variant: str, dtype: str, batch: int, steps: int,
   """Our step's images/s; with `reference` (kind, directory), the reference
   step's images/s timed in `rounds` rounds alternating with ours, and the
   per-round ratios."""
-  timed, compile_s = prepare(variant, dtype, batch)
-  rate_of = REFERENCES[reference[0]][1] if reference else None
-  times, ratios, rates = [], [], []
-  for _ in range(rounds if reference else 1):
-    ref = rate_of(reference[1], variant, dtype, batch, steps) if rate_of else None
-    round_times = timed(steps)
-    times += round_times
-    if ref is not None:
-      rates.append(ref)
-      ratios.append(batch / statistics.median(round_times) / ref)
-  median = statistics.median(times)
-  return dict(variant=variant, dtype=dtype, batch=batch, step_s=median,
-              images_per_s=batch / median, compile_s=compile_s,
-              reference=statistics.median(rates) if rates else None, ratios=ratios)
+  same_program = None
+  if reference and reference[0] == 'baseline':
+    paired = paired_rates(reference[1], variant, dtype, batch, steps, rounds)
+    ours, rates, compile_s = paired['ours'], paired['baseline'], paired['compile_s']
+    same_program = paired['same_program']
+  else:
+    timed, compile_s = prepare(variant, dtype, batch)
+    ours, rates = [], []
+    for _ in range(rounds if reference else 1):
+      ref = official_rate(reference[1], variant, dtype, batch, steps) if reference else None
+      ours.append(batch / statistics.median(timed(steps)))
+      if ref is not None:
+        rates.append(ref)
+  ratios = [a / b for a, b in zip(ours, rates)]
+  rate = statistics.median(ours)
+  return dict(variant=variant, dtype=dtype, batch=batch, step_s=batch / rate,
+              images_per_s=rate, compile_s=compile_s,
+              reference=statistics.median(rates) if rates else None, ratios=ratios,
+              same_program=same_program)
 
 
 def main(argv=None) -> None:
@@ -182,10 +187,11 @@ def main(argv=None) -> None:
         f'devices: {len(devices)} x {devices[0].device_kind}; jax {jax.__version__}; '
         f'LD_PRELOAD={os.environ.get("LD_PRELOAD", "")!r}'
         + (f'; {reference[0]}: {reference[1]}' if reference else ''), flush=True)
-  name = REFERENCES[reference[0]][0] if reference else 'reference'
+  name = REFERENCES[reference[0]] if reference else 'reference'
+  baseline = bool(reference) and reference[0] == 'baseline'
   print(f'| variant | dtype | batch | step (s) | images/s | {name} images/s '
-        '| ratio (range over rounds) | compile (s) |')
-  print('|---|---|---|---|---|---|---|---|', flush=True)
+        '| ratio (range over rounds) | compile (s) |' + (' same program |' if baseline else ''))
+  print('|---|---|---|---|---|---|---|---|' + ('---|' if baseline else ''), flush=True)
   for variant in args.variants.split(','):
     for dtype in args.dtypes.split(','):
       r = measure(variant, dtype, args.batch, args.steps, reference, args.rounds)
@@ -197,7 +203,9 @@ def main(argv=None) -> None:
         if len(ratios) > 1:
           ratio += f' ({min(ratios):.2f}-{max(ratios):.2f})'
       print(f"| {variant} | {dtype} | {r['batch']} | {r['step_s']:.3f} | "
-            f"{r['images_per_s']:.2f} | {ref} | {ratio} | {r['compile_s']:.0f} |", flush=True)
+            f"{r['images_per_s']:.2f} | {ref} | {ratio} | {r['compile_s']:.0f} |"
+            + ({True: ' yes |', False: ' no |'}[r['same_program']] if baseline else ''),
+            flush=True)
 
 
 if __name__ == '__main__':

@@ -97,6 +97,23 @@ static int supported(const struct jpeg_decompress_struct *cinfo) {
   return 0;
 }
 
+/* Starts decoding `data` in the calling function: error manager, source and
+ * header. libjpeg's errors longjmp back to the setjmp here, which must sit in
+ * the frame of the function that goes on decoding (hence a macro); on an
+ * error the message is copied and that function returns JROI_ERROR. */
+#define READ_HEADER_OR_RETURN(cinfo, err, data, size, msg, msg_len) \
+  do {                                                              \
+    init_errors(&(cinfo), &(err));                                  \
+    jpeg_create_decompress(&(cinfo));                               \
+    if (setjmp((err).jump)) {                                       \
+      copy_message((j_common_ptr) & (cinfo), (msg), (msg_len));     \
+      jpeg_destroy_decompress(&(cinfo));                            \
+      return JROI_ERROR;                                            \
+    }                                                               \
+    jpeg_mem_src(&(cinfo), (data), (size));                         \
+    jpeg_read_header(&(cinfo), TRUE);                               \
+  } while (0)
+
 /* Header only: image size, components, progressive flag. */
 int jroi_info(const unsigned char *data, unsigned long size, int *width,
               int *height, int *components, int *progressive, char *msg,
@@ -105,15 +122,7 @@ int jroi_info(const unsigned char *data, unsigned long size, int *width,
   struct roi_error_mgr err;
   volatile int result = JROI_OK;
 
-  init_errors(&cinfo, &err);
-  jpeg_create_decompress(&cinfo);
-  if (setjmp(err.jump)) {
-    copy_message((j_common_ptr)&cinfo, msg, msg_len);
-    jpeg_destroy_decompress(&cinfo);
-    return JROI_ERROR;
-  }
-  jpeg_mem_src(&cinfo, data, size);
-  jpeg_read_header(&cinfo, TRUE);
+  READ_HEADER_OR_RETURN(cinfo, err, data, size, msg, msg_len);
   *width = (int)cinfo.image_width;
   *height = (int)cinfo.image_height;
   *components = cinfo.num_components;
@@ -148,15 +157,7 @@ int jroi_decode(const unsigned char *data, unsigned long size, int width,
   if (y0 < 0) y0 = 0;
   if (x1 > width) x1 = width;
   if (y1 > height) y1 = height;
-  init_errors(&cinfo, &err);
-  jpeg_create_decompress(&cinfo);
-  if (setjmp(err.jump)) {
-    copy_message((j_common_ptr)&cinfo, msg, msg_len);
-    jpeg_destroy_decompress(&cinfo);
-    return JROI_ERROR;
-  }
-  jpeg_mem_src(&cinfo, data, size);
-  jpeg_read_header(&cinfo, TRUE);
+  READ_HEADER_OR_RETURN(cinfo, err, data, size, msg, msg_len);
   if (!supported(&cinfo)) {
     set_message(msg, msg_len, "colour space or coding not handled");
     result = JROI_UNSUPPORTED;

@@ -91,19 +91,14 @@ class KeypointSplit:
     return len(self.records)
 
 
-def _require_file(path: str, what: str) -> str:
-  if not os.path.isfile(path):
+def _require(path: str, what: str, *, folder: bool = False) -> str:
+  """`path` if it exists (a folder or a file); else an error naming it and
+  the argument that overrides it."""
+  if not (os.path.isdir(path) if folder else os.path.isfile(path)):
+    override = 'image_dir=' if folder else 'annotation_file='
     raise FileNotFoundError(
         f'{what} {path!r} does not exist: check data.root / the split name '
-        '(or pass annotation_file=)')
-  return path
-
-
-def _require_dir(path: str, what: str) -> str:
-  if not os.path.isdir(path):
-    raise FileNotFoundError(
-        f'{what} {path!r} does not exist: check data.root / the split name '
-        '(or pass image_dir=)')
+        f'(or pass {override})')
   return path
 
 
@@ -194,8 +189,8 @@ def load_coco(root: str | None, split: str, *, is_train: bool,
     if root is None:
       raise ValueError('load_coco needs root or image_dir=')
     image_dir = os.path.join(root, 'images', 'test2017' if is_test else split)
-  _require_file(annotation_file, 'COCO annotation file')
-  _require_dir(image_dir, 'COCO image folder')
+  _require(annotation_file, 'COCO annotation file')
+  _require(image_dir, 'COCO image folder', folder=True)
   with open(annotation_file) as f:
     coco = json.load(f)
 
@@ -245,7 +240,7 @@ def load_coco(root: str | None, split: str, *, is_train: bool,
     if not detection_file:
       raise ValueError('evaluation with use_gt_bbox=False needs '
                        'data.detection_file (a person detections json)')
-    _require_file(detection_file, 'person detection file')
+    _require(detection_file, 'person detection file')
     with open(detection_file) as f:
       detections = json.load(f)
     for i, det in enumerate(detections):
@@ -315,8 +310,8 @@ def load_mpii(root: str | None, split: str, *, is_train: bool,
     if root is None:
       raise ValueError('load_mpii needs root or image_dir=')
     image_dir = os.path.join(root, 'images')
-  _require_file(annotation_file, 'MPII annotation file')
-  _require_dir(image_dir, 'MPII image folder')
+  _require(annotation_file, 'MPII annotation file')
+  _require(image_dir, 'MPII image folder', folder=True)
   with open(annotation_file) as f:
     annotations = json.load(f)
 

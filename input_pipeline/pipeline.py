@@ -216,8 +216,6 @@ def crop_spec(config, split: datasets.KeypointSplit) -> CropSpec:
         f'{split.annotation_file} boxes were converted with aspect ratio '
         f'{split.aspect_ratio} but config.model.image_size {h}x{w} needs '
         f'{w / h}: build the split with splits.build_split(config, ...)')
-  if not d.color_rgb:
-    raise ValueError('data.color_rgb=False (BGR crops) is not supported')
   return CropSpec(
       image_wh=(int(w), int(h)), heatmap_wh=(int(hw), int(hh)),
       num_joints=split.num_joints, sigma=float(d.sigma),

@@ -7,18 +7,18 @@ call; it picks the reader (`datasets` for the official folder layouts,
 
 from __future__ import annotations
 
+from transpose_jax import config_schema
 from transpose_jax.input_pipeline import datasets
 from transpose_jax.input_pipeline import tfds_builders
 
 
 def build_split(config, *, train: bool) -> datasets.KeypointSplit:
   """The KeypointSplit config.data describes (coco | mpii, files | tfds)."""
+  config_schema.check_choices(config, 'data.source', 'data.dataset')
   d = config.data
   split = d.train_split if train else d.val_split
   if d.source == 'tfds':
     return tfds_builders.load_split(config, train=train)
-  if d.source != 'files':
-    raise ValueError(f"data.source must be 'files' or 'tfds', got {d.source!r}")
   h, w = config.model.image_size
   if d.dataset == 'coco':
     return datasets.load_coco(
@@ -26,8 +26,6 @@ def build_split(config, *, train: bool) -> datasets.KeypointSplit:
         detection_file=d.detection_file, image_thre=d.image_thre,
         num_joints=config.model.num_joints, aspect_ratio=w / h,
         fail_on_bad_sample=d.fail_on_bad_sample)
-  if d.dataset == 'mpii':
-    return datasets.load_mpii(d.root, split, is_train=train,
-                              num_joints=config.model.num_joints,
-                              fail_on_bad_sample=d.fail_on_bad_sample)
-  raise ValueError(f"data.dataset must be 'coco' or 'mpii', got {d.dataset!r}")
+  return datasets.load_mpii(d.root, split, is_train=train,
+                            num_joints=config.model.num_joints,
+                            fail_on_bad_sample=d.fail_on_bad_sample)

@@ -37,6 +37,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 
+from transpose_jax import config_schema
 from transpose_jax import keypoints
 from transpose_jax.input_pipeline import datasets
 from transpose_jax.input_pipeline import images
@@ -258,14 +259,12 @@ class TfdsRecords(Sequence):
 
 def load_split(config, *, train: bool) -> datasets.KeypointSplit:
   """KeypointSplit read from config.data.tfds_data_dir (source = 'tfds')."""
+  config_schema.check_choices(config, 'data.dataset')
   d = config.data
-  if not d.tfds_data_dir:
-    raise ValueError("data.source = 'tfds' needs data.tfds_data_dir")
   if not os.path.isdir(d.tfds_data_dir):
-    raise FileNotFoundError(f'TFDS data dir {d.tfds_data_dir!r} does not exist')
-  builder_cls = _BUILDERS.get(d.dataset)
-  if builder_cls is None:
-    raise ValueError(f"data.dataset must be 'coco' or 'mpii', got {d.dataset!r}")
+    raise FileNotFoundError(f'TFDS data dir {d.tfds_data_dir!r} (config.data.tfds_data_dir) '
+                            'does not exist')
+  builder_cls = _BUILDERS[d.dataset]
   split = d.train_split if train else d.val_split
   detections = not train and d.dataset == 'coco' and not d.use_gt_bbox
   if detections:

@@ -2,7 +2,8 @@
 
 The entry points (train.py, eval.py and `python -m transpose_jax.convert`,
 `.predict`, `.explain`, `.demo`, `.synthetic`) define their absl flags at
-module level and start with `cli.run(main, ...)`, which
+module level (the shared ones with `config_flag` and `checkpoint_flag`) and
+start with `cli.run(main, ...)`, which
 
 1. applies the XLA:CPU setting the CPU kernels were measured with
    (`kernels.xla_cpu.configure`) when this process computes on the CPU,
@@ -12,7 +13,9 @@ module level and start with `cli.run(main, ...)`, which
    (with the valid keys at that level; ml_collections alone prints a
    traceback), a missing --config or --checkpoint file;
 3. keeps library INFO logs (orbax writes several lines per checkpoint) out of
-   the output unless --verbosity is given, and runs `main` with absl.
+   the output unless --verbosity is given, refuses stray arguments, and runs
+   `main` with absl; the errors a user can fix (the `errors` given) end the
+   process with one `error:` line and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -24,15 +27,37 @@ from typing import Callable, Sequence
 from absl import app
 from absl import flags
 from absl import logging
+from ml_collections import config_flags
 
 from transpose_jax import config_schema
 from transpose_jax import configs
 from transpose_jax.kernels import xla_cpu
 
 
+USER_ERROR_EXIT_CODE = 2
+
+
 def config_path(name: str) -> str:
   """The path of `configs/<name>.py` (installed: `transpose_jax/configs/`)."""
   return os.path.join(os.path.dirname(os.path.abspath(configs.__file__)), f'{name}.py')
+
+
+def config_flag(default_config: str, what: str = 'Config'):
+  """--config: a config file (configs/*.py) whose fields `--config.x.y` overrides."""
+  return config_flags.DEFINE_config_file('config', default_config,
+                                         f'{what} file (configs/*.py).', lock_config=True)
+
+
+def checkpoint_flag():
+  """--checkpoint: what `checkpoints.store.restore_model` reads."""
+  return flags.DEFINE_string(
+      'checkpoint', None, 'Official .pth, converter output directory or train.py workdir.')
+
+
+def fail(message) -> None:
+  """Ends the process with one `error:` line (exit status 2)."""
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(USER_ERROR_EXIT_CODE)
 
 
 def flag_value(argv: Sequence[str], flag: str) -> str | None:
@@ -83,21 +108,27 @@ def check_command_line(argv: Sequence[str], *, default_config: str) -> None:
                             'a converter output directory or a train.py workdir)')
 
 
-def run(main: Callable[[list[str]], None], *, default_config: str | None = None,
-        argv: Sequence[str] | None = None) -> None:
+def run(main: Callable[[list[str]], int | None], *, default_config: str | None = None,
+        errors: tuple[type[Exception], ...] = (), argv: Sequence[str] | None = None) -> None:
   """Starts a CLI: XLA:CPU setting, pre-parse checks (with `default_config`,
-  the tool's --config default), quiet library logs, then absl's app.run."""
+  the tool's --config default), quiet library logs, then `main` under absl's
+  app.run, with `errors` reported as one `error:` line."""
   argv = list(sys.argv if argv is None else argv)
   xla_cpu.configure()
   if default_config is not None:
     try:
       check_command_line(argv, default_config=default_config)
     except (config_schema.ConfigError, FileNotFoundError) as e:
-      sys.exit(f'error: {e}')
+      fail(e)
 
-  def quiet_main(args):
+  def checked_main(args):
+    if len(args) > 1:
+      raise app.UsageError(f'Unexpected arguments: {args[1:]}')
     if not flags.FLAGS['verbosity'].present:
       logging.set_verbosity(logging.WARNING)
-    return main(args)
+    try:
+      return main(args)
+    except errors as e:
+      fail(e)
 
-  app.run(quiet_main, argv=argv)
+  app.run(checked_main, argv=argv)

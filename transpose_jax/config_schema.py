@@ -39,6 +39,7 @@ CHOICES = {
     'model.final_conv_kernel': (1, 3),
     'data.dataset': ('coco', 'mpii'),
     'data.source': ('files', 'tfds'),
+    'data.synthetic_palette': ('limbs', 'sides'),
     'optimizer': ('adam', 'adamw'),
     'dropout_rng': ('threefry2x32', 'rbg'),
 }
@@ -241,6 +242,20 @@ def _model_errors(m) -> list[str]:
   return errors
 
 
+def _data_errors(config) -> list[str]:
+  d = config.data
+  errors = []
+  if not d.color_rgb:
+    errors.append('config.data.color_rgb=False (BGR crops) is not supported.')
+  if d.source == 'tfds' and not d.tfds_data_dir:
+    errors.append("config.data.source='tfds' needs config.data.tfds_data_dir.")
+  if d.synthetic and d.synthetic_palette == 'sides' and (d.flip or config.eval.flip_test):
+    errors.append("config.data.synthetic_palette='sides' colours left and right differently, "
+                  'which flipping would contradict: set config.data.flip=False and '
+                  'config.eval.flip_test=False.')
+  return errors
+
+
 def _raise(errors: list[str]) -> None:
   if errors:
     raise ConfigError('Invalid config:\n  ' + '\n  '.join(errors))
@@ -249,6 +264,13 @@ def _raise(errors: list[str]) -> None:
 def check_model(model_config) -> None:
   """Raises ConfigError listing every invalid value of `config.model`."""
   _raise(_model_errors(model_config))
+
+
+def check_choices(config, *keys: str) -> None:
+  """Raises ConfigError for any of `keys` (dotted keys of CHOICES, e.g.
+  'data.source') whose value is outside its domain: for code that dispatches
+  on one of them."""
+  _raise(_bad_choices(config, keys))
 
 
 def batch_size_error(batch_size: int, device_count: int = 1,
@@ -285,6 +307,7 @@ def check(config: ml_collections.ConfigDict, *, device_count: int = 1,
 
   errors += _bad_choices(config, [k for k in CHOICES if not k.startswith('model.')])
   errors += _model_errors(config.model)
+  errors += _data_errors(config)
   batch_error = batch_size_error(config.batch_size, device_count, process_count)
   if batch_error:
     errors.append(batch_error)

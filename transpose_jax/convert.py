@@ -11,8 +11,6 @@ fits (ImageNet backbones) and reports the rest. Needs PyTorch to read the
 file (`pip install torch`).
 """
 
-import sys
-
 from absl import flags
 
 from transpose_jax import cli
@@ -30,21 +28,17 @@ _PARTIAL = flags.DEFINE_bool(
 flags.mark_flags_as_required(['checkpoint', 'output'])
 
 
-def main(argv) -> int:
+def main(argv) -> None:
   del argv
-  try:
-    state_dict = official.read_state_dict(_CHECKPOINT.value)
-    if _CONFIG.value:
-      config = config_schema.load_file(_CONFIG.value)
-    else:
-      config = official.variant_config(official.detect_variant(state_dict, _CHECKPOINT.value))
-      print(f'recognised variant: {config.variant}')
-    model = models.build(config.model, seed=config.seed)
-    report = official.load_state_dict(model, state_dict, partial=_PARTIAL.value,
-                                      source=_CHECKPOINT.value)
-  except (ValueError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  state_dict = official.read_state_dict(_CHECKPOINT.value)
+  if _CONFIG.value:
+    config = config_schema.load_file(_CONFIG.value)
+  else:
+    config = official.variant_config(official.detect_variant(state_dict, _CHECKPOINT.value))
+    print(f'recognised variant: {config.variant}')
+  model = models.build(config.model, seed=config.seed)
+  report = official.load_state_dict(model, state_dict, partial=_PARTIAL.value,
+                                    source=_CHECKPOINT.value)
   if _PARTIAL.value:
     print(report.summary())
     for title, names in (('missing', report.missing), ('unexpected', report.unexpected),
@@ -53,8 +47,7 @@ def main(argv) -> int:
         print(f'  {title} ({len(names)}): {", ".join(names[:8])}{", ..." if len(names) > 8 else ""}')
   store.save_model(_OUTPUT.value, model, config)
   print(f'wrote {_OUTPUT.value} ({config.variant})')
-  return 0
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run(main, errors=(ValueError, FileNotFoundError))

@@ -13,12 +13,9 @@ below --threshold hidden; one row per layer with --all_layers, per head with
 --head=all. Without --box the whole image is the person box.
 """
 
-import sys
 from typing import Any
 
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from transpose_jax import cli
 from transpose_jax.checkpoints import store
@@ -27,10 +24,8 @@ from transpose_jax.inference import predict
 
 DEFAULT_CONFIG = cli.config_path('tp_r_a3')
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', DEFAULT_CONFIG, 'Model config file (configs/*.py).', lock_config=True)
-_CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', None, 'Official .pth, converter output directory or train.py workdir.')
+_CONFIG = cli.config_flag(DEFAULT_CONFIG, 'Model config')
+_CHECKPOINT = cli.checkpoint_flag()
 _IMAGE = flags.DEFINE_string('image', None, 'The image file.')
 _BOX = flags.DEFINE_string(
     'box', None, 'Person box x,y,w,h in image pixels (default: the whole image).')
@@ -61,26 +56,22 @@ def _head_option(text: str | None) -> dict[str, Any]:
 
 
 def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  del argv
   config = _CONFIG.value
-  try:
-    box = predict.parse_box(_BOX.value) if _BOX.value else None
-    options = _head_option(_HEAD.value)
-    # Input errors surface before the (slower) checkpoint restore.
-    image = predict.read_image(_IMAGE.value)
-    if box is not None:
-      predict.check_box(box, image.shape[:2], _IMAGE.value)
-    model = store.restore_model(_CHECKPOINT.value, config)
-    result = explain.save_explanation(
-        model, config, image, box, _OUTPUT.value, mode=_MODE.value, layer=_LAYER.value,
-        all_layers=_ALL_LAYERS.value, threshold=_THRESHOLD.value,
-        kpt_threshold=_KPT_THRESHOLD.value, **options)
-  except (FileNotFoundError, ValueError, OSError) as e:
-    sys.exit(f'error: {e}')
+  box = predict.parse_box(_BOX.value) if _BOX.value else None
+  options = _head_option(_HEAD.value)
+  # Input errors surface before the (slower) checkpoint restore.
+  image = predict.read_image(_IMAGE.value)
+  if box is not None:
+    predict.check_box(box, image.shape[:2], _IMAGE.value)
+  model = store.restore_model(_CHECKPOINT.value, config)
+  result = explain.save_explanation(
+      model, config, image, box, _OUTPUT.value, mode=_MODE.value, layer=_LAYER.value,
+      all_layers=_ALL_LAYERS.value, threshold=_THRESHOLD.value,
+      kpt_threshold=_KPT_THRESHOLD.value, **options)
   print(f'{result["mode"]} areas of {len(result["keypoints"])} keypoints '
         f'(layers {result["layers"]}) -> {result["output"]}')
 
 
 if __name__ == '__main__':
-  cli.run(main, default_config=DEFAULT_CONFIG)
+  cli.run(main, default_config=DEFAULT_CONFIG, errors=(FileNotFoundError, ValueError, OSError))

@@ -14,11 +14,8 @@ and OUTPUT/<name>_pose.jpg per image (`inference.predict.predict_path`).
 """
 
 import os
-import sys
 
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from transpose_jax import cli
 from transpose_jax.checkpoints import store
@@ -26,10 +23,8 @@ from transpose_jax.inference import predict
 
 DEFAULT_CONFIG = cli.config_path('tp_r_a3')
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', DEFAULT_CONFIG, 'Model config file (configs/*.py).', lock_config=True)
-_CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', None, 'Official .pth, converter output directory or train.py workdir.')
+_CONFIG = cli.config_flag(DEFAULT_CONFIG, 'Model config')
+_CHECKPOINT = cli.checkpoint_flag()
 _IMAGE = flags.DEFINE_string('image', None, 'An image file or a folder of images.')
 _BOXES = flags.DEFINE_string(
     'boxes', None, 'Person detections json (COCO format); default: the whole image is one '
@@ -45,20 +40,16 @@ flags.mark_flags_as_required(['checkpoint', 'image', 'output'])
 
 
 def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  del argv
   config = _CONFIG.value
-  try:
-    model = store.restore_model(_CHECKPOINT.value, config)
-    results = predict.predict_path(
-        model, config, _IMAGE.value, _OUTPUT.value, detection_file=_BOXES.value,
-        image_thre=_IMAGE_THRE.value, kpt_threshold=_KPT_THRESHOLD.value)
-  except (FileNotFoundError, ValueError, OSError) as e:
-    sys.exit(f'error: {e}')
+  model = store.restore_model(_CHECKPOINT.value, config)
+  results = predict.predict_path(
+      model, config, _IMAGE.value, _OUTPUT.value, detection_file=_BOXES.value,
+      image_thre=_IMAGE_THRE.value, kpt_threshold=_KPT_THRESHOLD.value)
   images = len({r['image_id'] for r in results})
   print(f'{len(results)} poses in {images} images -> '
         f'{os.path.join(_OUTPUT.value, "keypoints.json")}')
 
 
 if __name__ == '__main__':
-  cli.run(main, default_config=DEFAULT_CONFIG)
+  cli.run(main, default_config=DEFAULT_CONFIG, errors=(FileNotFoundError, ValueError, OSError))

@@ -26,16 +26,12 @@ IMAGE = '000000000785.jpg'
 BOX = (277.1, 45.7, 225.1, 333.6)  # the skier, from the detection file
 
 
-def _config():
-  config = tiny_train_config.get_config()
-  config.model.encoder_layers = 2
-  config.eval.flip_test = False
-  return config
-
-
 @pytest.fixture(scope='module')
 def config():
-  return _config()
+  tiny = tiny_train_config.get_config()
+  tiny.model.encoder_layers = 2
+  tiny.eval.flip_test = False
+  return tiny
 
 
 @pytest.fixture(scope='module')

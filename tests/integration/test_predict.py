@@ -14,31 +14,28 @@ import cv2
 import numpy as np
 import pytest
 
-from transpose_jax.input_pipeline import pipeline
 from tests import tiny_train_config
+from tests.conftest import PROJECT_ROOT
+from transpose_jax import keypoints
+from transpose_jax import models
+from transpose_jax.checkpoints import store
 from transpose_jax.evaluation import coco_metrics
 from transpose_jax.evaluation import evaluate
 from transpose_jax.inference import predict
 from transpose_jax.inference import visualize
-from transpose_jax import models
+from transpose_jax.input_pipeline import pipeline
 from transpose_jax.input_pipeline import splits
-from transpose_jax import keypoints
 
-PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[2]
 DETECTIONS = 'test_coco_det_AP_H_56.json'
-
-
-def _config():
-  config = tiny_train_config.get_config()
-  config.eval.flip_test = True
-  config.eval.batch_size = 16
-  config.data.in_vis_thre = 0.0  # random-model scores are small: rescore all
-  return config
 
 
 @pytest.fixture(scope='module')
 def config():
-  return _config()
+  tiny = tiny_train_config.get_config()
+  tiny.eval.flip_test = True
+  tiny.eval.batch_size = 16
+  tiny.data.in_vis_thre = 0.0  # random-model scores are small: rescore all
+  return tiny
 
 
 @pytest.fixture(scope='module')
@@ -96,7 +93,7 @@ def test_inference_is_the_evaluation(folder_run, model, config, sample,
              root / 'annotations' / 'person_keypoints_val2017.json')
   for jpg in sample.glob('*.jpg'):
     os.symlink(jpg, root / 'images' / 'val2017' / jpg.name)
-  eval_config = _config()
+  eval_config = config.copy_and_resolve_references()
   eval_config.data.root = str(root)
   eval_config.data.num_workers = 0
   eval_config.data.use_gt_bbox = False
@@ -186,7 +183,6 @@ def test_bad_input_is_named(model, config, sample, tmp_path):
 
 
 def test_cli(model, config, sample, tmp_path):
-  from transpose_jax.checkpoints import store
   store.save_model(tmp_path / 'ckpt', model, config)
   out = tmp_path / 'out'
   image = sample / '000000197388.jpg'

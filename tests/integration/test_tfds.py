@@ -6,8 +6,8 @@ import pytest
 from transpose_jax import config_schema
 from transpose_jax.input_pipeline import datasets
 from transpose_jax.input_pipeline import pipeline
-from transpose_jax.input_pipeline import tfds_builders
 from transpose_jax.input_pipeline import splits
+from transpose_jax.input_pipeline import tfds_builders
 
 
 @pytest.fixture(scope='module')

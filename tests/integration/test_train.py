@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 
 from tests import tiny_train_config
-from transpose_jax.training import optim
 from transpose_jax import sharding
+from transpose_jax.checkpoints import store
 from transpose_jax.input_pipeline import synthetic
+from transpose_jax.training import optim
 from transpose_jax.training import trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -164,7 +165,6 @@ def test_train_outputs(trained):
   assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
   assert _steps(workdir) == [3, 6]
   # eval.py's restore path reads a training workdir.
-  from transpose_jax.checkpoints import store
   restored = store.restore_model(workdir, config)
   assert restored.final_layer.kernel.shape[-1] == 17
 

@@ -15,7 +15,11 @@ import sys
 import numpy as np
 import pytest
 
+from transpose_jax.checkpoints import store
 from transpose_jax.input_pipeline import synthetic
+
+# The devices are simulated CPU devices (--xla_force_host_platform_device_count).
+pytestmark = pytest.mark.cpu_only
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Faster compiles; every run compared here uses the same flags.
@@ -119,5 +123,4 @@ def test_two_processes_four_devices_each(tiny_data, tmp_path, one_device):
   # order): with synchronised BatchNorm and no dropout, the same losses.
   np.testing.assert_allclose(_values(losses),
                              _values(one_device['sync_no_dropout']['losses']), rtol=1e-4)
-  from transpose_jax.checkpoints import store
   assert store.locate(tmp_path) == (tmp_path / 'checkpoints', 3)

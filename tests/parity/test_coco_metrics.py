@@ -6,11 +6,11 @@ import logging
 import numpy as np
 import pytest
 
+from transpose_jax.evaluation import coco_metrics
+from transpose_jax.evaluation import decode
 from transpose_jax.input_pipeline import datasets
 from transpose_jax.input_pipeline import targets
 from transpose_jax.input_pipeline import transforms
-from transpose_jax.evaluation import coco_metrics
-from transpose_jax.evaluation import decode
 
 
 @pytest.fixture(scope='module')

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import PROJECT_ROOT
-from transpose_jax.checkpoints import flat, official, store
 from transpose_jax import models
+from transpose_jax.checkpoints import flat, official, store
 
 VARIANTS = ('tp_r_a3', 'tp_r_a4', 'tp_h_s', 'tp_h_a4', 'tp_h_a6')
 # reference/README.md "Suggested tolerances" (10x the official model's own float noise).

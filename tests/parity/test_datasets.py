@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from transpose_jax.input_pipeline import datasets
-from transpose_jax.input_pipeline import transforms
-from transpose_jax.input_pipeline import images
 from transpose_jax import keypoints
+from transpose_jax.input_pipeline import datasets
+from transpose_jax.input_pipeline import images
+from transpose_jax.input_pipeline import transforms
 
 
 @pytest.fixture(scope='module')

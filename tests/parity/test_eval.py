@@ -22,6 +22,7 @@ from transpose_jax.evaluation import coco_metrics
 from transpose_jax.evaluation import decode
 from transpose_jax.evaluation import evaluate
 from transpose_jax.evaluation import forward
+from transpose_jax.evaluation import mpii_metrics
 from transpose_jax.input_pipeline import splits
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -202,7 +203,6 @@ def _peak_model(num_joints, heatmap_size):
 
 
 def test_mpii_loop_writes_official_files(data_dir, tmp_path):
-  from transpose_jax.evaluation import mpii_metrics  # pylint: disable=g-import-not-at-top
   sample = data_dir / 'mpii_sample'
   root = tmp_path / 'mpii'
   (root / 'annot').mkdir(parents=True)

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 from transpose_jax import config_schema
+from transpose_jax import keypoints
 from transpose_jax.input_pipeline import datasets
+from transpose_jax.input_pipeline import images
 from transpose_jax.input_pipeline import jpeg_roi
 from transpose_jax.input_pipeline import pipeline
 from transpose_jax.input_pipeline import transforms
-from transpose_jax.input_pipeline import images
-from transpose_jax import keypoints
 
 _FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
 
@@ -45,20 +45,22 @@ def jpeg_files(data_dir):
   return files
 
 
+def _sample_split(data_dir, dataset: str):
+  """The training records of shared/data/<dataset>_sample."""
+  sample = data_dir / f'{dataset}_sample'
+  load = datasets.load_coco if dataset == 'coco' else datasets.load_mpii
+  return load(None, 'train', is_train=True, annotation_file=str(sample / f'test_{dataset}.json'),
+              image_dir=str(sample))
+
+
 @pytest.fixture(scope='module')
 def coco_train(data_dir):
-  sample = data_dir / 'coco_sample'
-  return datasets.load_coco(None, 'val2017', is_train=True,
-                            annotation_file=str(sample / 'test_coco.json'),
-                            image_dir=str(sample))
+  return _sample_split(data_dir, 'coco')
 
 
 @pytest.fixture(scope='module')
 def mpii_train(data_dir):
-  sample = data_dir / 'mpii_sample'
-  return datasets.load_mpii(None, 'train', is_train=True,
-                            annotation_file=str(sample / 'test_mpii.json'),
-                            image_dir=str(sample))
+  return _sample_split(data_dir, 'mpii')
 
 
 def _synthetic_jpegs(jpeg_files):

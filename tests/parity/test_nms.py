@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from transpose_jax.evaluation import nms
 from transpose_jax import keypoints
+from transpose_jax.evaluation import nms
 
 
 def _case(ref, s):

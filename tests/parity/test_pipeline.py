@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from transpose_jax import config_schema
-from transpose_jax.input_pipeline import datasets
-from transpose_jax.input_pipeline import pipeline
-from transpose_jax.input_pipeline import transforms
-from transpose_jax.input_pipeline import splits
 from transpose_jax import keypoints
 from transpose_jax import models
+from transpose_jax.input_pipeline import datasets
 from transpose_jax.input_pipeline import images
+from transpose_jax.input_pipeline import pipeline
+from transpose_jax.input_pipeline import splits
+from transpose_jax.input_pipeline import transforms
 
 
 def _config(batch_size=4, num_workers=0, seed=0):

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from transpose_jax import keypoints
 from transpose_jax.input_pipeline import datasets
 from transpose_jax.input_pipeline import transforms
-from transpose_jax import keypoints
 
 
 def test_affine_matrices_match_official(pipeline_reference):

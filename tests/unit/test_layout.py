@@ -15,6 +15,7 @@ import concurrent.futures
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -152,8 +153,11 @@ def test_pyproject_lists_every_package_folder():
 
 
 def test_the_wheel_holds_one_top_level_package(tmp_path):
+  # Built from a copy: setuptools writes build/ into the folder it builds.
+  source = shutil.copytree(PROJECT_ROOT, tmp_path / 'source', ignore=shutil.ignore_patterns(
+      '.git', '.venv', 'build', '*.egg-info', 'runs', '__pycache__', '.pytest_cache', '*.so'))
   subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation',
-                  '-q', '-w', str(tmp_path), str(PROJECT_ROOT)], check=True, timeout=300,
+                  '-q', '-w', str(tmp_path), str(source)], check=True, timeout=300,
                  capture_output=True)
   wheel, = tmp_path.glob('*.whl')
   names = zipfile.ZipFile(wheel).namelist()

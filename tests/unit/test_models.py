@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.tiny_models import get_config as tiny_config
 from transpose_jax import config_schema
 from transpose_jax import models
 from transpose_jax.checkpoints import official
 from transpose_jax.models import layers, transformer
-from tests.tiny_models import get_config as tiny_config
 
 
 @pytest.mark.parametrize('variant', ['tp_r_a3', 'tp_r_a4', 'tp_h_s', 'tp_h_a4', 'tp_h_a6'])

@@ -143,7 +143,7 @@ def test_clipping_and_weight_decay():
   # Adam normalises the clipped gradient to sign 1; AdamW adds lr * wd * w.
   np.testing.assert_allclose(np.asarray(updates['w']), -(1.0 + 0.1), rtol=1e-4)
   c = _config(optimizer='sgd')
-  with pytest.raises(ValueError, match="'adam' or 'adamw'"):
+  with pytest.raises(config_schema.ConfigError, match=r"config.optimizer='sgd'.*'adam', 'adamw'"):
     optim.make_optimizer(c, 10, params)
 
 
@@ -210,6 +210,9 @@ def test_config_file_with_unknown_key():
     ('init_from', '/nonexistent.pth', 'does not exist'),
     ('dropout_rng', 'philox', 'dropout_rng'),
     ('num_train_steps', 3, 'warmup_steps=50 must be smaller'),
+    ('data.color_rgb', False, 'BGR crops'),
+    ('data.source', 'tfds', 'needs config.data.tfds_data_dir'),
+    ('data.synthetic_palette', 'stripes', 'synthetic_palette'),
 ])
 def test_config_value_domains(key, value, match):
   c = config_schema.defaults()
@@ -221,6 +224,15 @@ def test_config_value_domains(key, value, match):
   node[leaf] = value
   with pytest.raises(config_schema.ConfigError, match=match):
     config_schema.check(c)
+
+
+def test_sides_palette_excludes_flipping():
+  c = config_schema.defaults()
+  c.data.synthetic, c.data.synthetic_palette = True, 'sides'
+  with pytest.raises(config_schema.ConfigError, match="synthetic_palette='sides'.*flip"):
+    config_schema.check(c)
+  c.data.flip, c.eval.flip_test = False, False
+  config_schema.check(c)
 
 
 def test_batch_divisible_by_devices():

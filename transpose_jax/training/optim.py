@@ -24,6 +24,8 @@ from typing import Any, Callable, Mapping
 import jax
 import optax
 
+from transpose_jax import config_schema
+
 DEFAULT_GROUP = 'default'
 
 
@@ -105,18 +107,16 @@ def group_schedules(config, total_steps: int) -> dict[str, optax.Schedule]:
 
 
 def _group_transform(config, schedule: optax.Schedule) -> optax.GradientTransformation:
-  name = config.optimizer
+  config_schema.check_choices(config, 'optimizer')
   wd = float(config.weight_decay)
-  if name == 'adam':
+  if config.optimizer == 'adam':
     parts = []
     if wd > 0:  # PyTorch Adam(weight_decay=...): L2 added to the gradient.
       parts.append(optax.add_decayed_weights(wd))
     parts += [optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
               optax.scale_by_learning_rate(schedule)]
     return optax.chain(*parts)
-  if name == 'adamw':
-    return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd)
-  raise ValueError(f"config.optimizer={name!r}: expected 'adam' or 'adamw'.")
+  return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd)
 
 
 def make_optimizer(config, total_steps: int,

@@ -118,10 +118,6 @@ def prepare_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   options = dict(seed=config.seed, palette=config.data.synthetic_palette,
                  max_figures=config.data.synthetic_max_figures,
                  occluder_prob=config.data.synthetic_occluder_prob)
-  if config.data.synthetic_palette == 'sides' and (config.data.flip or config.eval.flip_test):
-    raise config_schema.ConfigError(
-        "config.data.synthetic_palette='sides' colours left and right differently, which "
-        'flipping would contradict: set config.data.flip=False and config.eval.flip_test=False')
   if jax.process_index() == 0:
     root = synthetic.generate(root, **options)
   if jax.process_count() > 1:
