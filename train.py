@@ -20,6 +20,10 @@ from absl import flags
 from transpose_jax import cli
 from transpose_jax import config_schema
 from transpose_jax import sharding
+from transpose_jax.checkpoints import flat
+from transpose_jax.checkpoints import official
+from transpose_jax.input_pipeline import datasets
+from transpose_jax.input_pipeline import images
 from transpose_jax.training import trainer
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -43,4 +47,7 @@ def main(argv):
 if __name__ == '__main__':
   cli.run(main, default_config=DEFAULT_CONFIG,
           errors=(config_schema.ConfigError, trainer.NonFiniteLossError,
-                  trainer.WorkdirMismatchError))
+                  trainer.WorkdirMismatchError, trainer.DataOrderError,
+                  datasets.AnnotationError, images.BadSampleError,
+                  official.CheckpointFileError, flat.WeightMismatchError,
+                  FileNotFoundError))

@@ -145,6 +145,89 @@ def _clean_box(bbox, width: int, height: int):
   return None
 
 
+class AnnotationError(ValueError):
+  """An annotation or detection file that cannot be read as its format."""
+
+
+def _number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_SHOWN_PROBLEMS = 5
+
+
+def check_coco_annotations(coco: Any, path: str, num_joints: int, *,
+                           person_id: int | None = None) -> None:
+  """Refuses a COCO-format keypoint file that cannot be read as one, before
+  any compute, with one message naming the file, each bad annotation and
+  its image, and a hint where one exists.
+
+  Checked: the top-level object; every image's id, width and height; every
+  annotation's id, image_id (a known image), bbox (4 numbers), area (a
+  number) and, for the non-crowd persons, keypoints (3 x num_joints numbers).
+  Impossible but well-formed boxes (no area after clipping) are not errors:
+  the official code skips them, and so does `load_coco`.
+  """
+  if not isinstance(coco, dict) or not isinstance(coco.get('images'), list):
+    raise AnnotationError(f'{path}: not a COCO-format annotation file (expected a JSON '
+                          'object with an "images" list)')
+  problems: list[str] = []
+  image_ids = set()
+  for i, im in enumerate(coco['images']):
+    where = f'image entry {i}' + (f' (id {im.get("id")!r})' if isinstance(im, dict) else '')
+    if not isinstance(im, dict) or not isinstance(im.get('id'), int):
+      problems.append(f'{where}: no integer "id"')
+      continue
+    if im['id'] in image_ids:
+      problems.append(f'{where}: id {im["id"]} appears twice')
+    image_ids.add(im['id'])
+    for field in ('width', 'height'):
+      if not _number(im.get(field)) or im[field] <= 0:
+        problems.append(f'{where}: {field} {im.get(field)!r} is not a positive number')
+  annotations = coco.get('annotations', [])
+  if not isinstance(annotations, list):
+    problems.append('"annotations" is not a list')
+    annotations = []
+  counts: dict[int, int] = {}
+  for i, ann in enumerate(annotations):
+    if not isinstance(ann, dict):
+      problems.append(f'annotation entry {i}: not an object')
+      continue
+    where = f'annotation {ann.get("id", f"entry {i}")} (image {ann.get("image_id")!r})'
+    if 'id' not in ann:
+      problems.append(f'{where}: no "id"')
+    if ann.get('image_id') not in image_ids:
+      problems.append(f'{where}: image_id is not the id of any image in "images"')
+    bbox = ann.get('bbox')
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_number, bbox))):
+      problems.append(f'{where}: bbox {bbox!r} is not 4 numbers [x, y, w, h]')
+    if not _number(ann.get('area')):
+      problems.append(f'{where}: area {ann.get("area")!r} is not a number'
+                      + (' (missing)' if 'area' not in ann else ''))
+    if ann.get('iscrowd', 0) or (person_id is not None
+                                 and ann.get('category_id', person_id) != person_id):
+      continue
+    kp = ann.get('keypoints')
+    if not (isinstance(kp, list) and all(map(_number, kp))):
+      problems.append(f'{where}: keypoints {str(kp)[:40]!r} is not a list of numbers'
+                      + (' (missing)' if 'keypoints' not in ann else ''))
+    elif len(kp) != 3 * num_joints:
+      counts[len(kp)] = counts.get(len(kp), 0) + 1
+      problems.append(f'{where}: {len(kp)} keypoint values, expected {3 * num_joints} '
+                      f'({num_joints} joints x (x, y, v))')
+  if not problems:
+    return
+  hint = ''
+  if len(counts) == 1 and next(iter(counts)) % 3 == 0:
+    k = next(iter(counts)) // 3
+    hint = (f' The file has {k} keypoints per person and the model {num_joints}: '
+            f'set --config.model.num_joints={k}.')
+  shown = '; '.join(problems[:_SHOWN_PROBLEMS])
+  more = f'; and {len(problems) - _SHOWN_PROBLEMS} more' if len(problems) > _SHOWN_PROBLEMS else ''
+  raise AnnotationError(f'{path}: {len(problems)} bad entr{"y" if len(problems) == 1 else "ies"}: '
+                        f'{shown}{more}.{hint}')
+
+
 def load_coco(root: str | None, split: str, *, is_train: bool,
               use_gt_bbox: bool = True, detection_file: str = '',
               image_thre: float = 0.0, num_joints: int = keypoints.COCO.num_joints,
@@ -195,8 +278,10 @@ def load_coco(root: str | None, split: str, *, is_train: bool,
     coco = json.load(f)
 
   # Official class index 1 is the first category of the file (person).
-  categories = coco.get('categories') or [{'id': 1}]
-  person_id = categories[0]['id']
+  categories = (coco.get('categories') if isinstance(coco, dict) else None) or [{'id': 1}]
+  person_id = categories[0].get('id', 1) if isinstance(categories[0], dict) else 1
+  check_coco_annotations(coco, annotation_file, num_joints,
+                         person_id=person_id if not is_test else None)
   images = {im['id']: im for im in coco.get('images', [])}
 
   def image_path(image_id: int) -> str:

@@ -13,8 +13,9 @@ Training (`make_train_loader`)::
 Each step's global batch is a contiguous chunk of the global shuffled stream;
 process p holds every process_count-th element of it. The per-element random
 generator is seeded from (config.seed, global element index), so batches do
-not depend on the number of workers or threads, and a restored iterator
-continues exactly where the saved one stopped.
+not depend on the number of workers or threads: `loader.batches_from(step)`
+continues a run at any step, and a restored iterator continues exactly
+where the saved one stopped.
 
 Batch layout (numpy, one dict per step and process):
   'image'         uint8   [b, H, W, 3]  RGB crop, NOT normalised: the device
@@ -39,7 +40,9 @@ orbax, register grain's handler and save it beside the model::
       state=ocp.args.StandardRestore(abstract_state),
       data=grain.checkpoint.CheckpointRestore(data_iter)))
 
-(grain writes one `process_{i}-of-{n}.json` per process.)
+(grain writes one `process_{i}-of-{n}.json` per process.) That state is tied
+to the number of workers; the training loop saves none and resumes with
+`loader.batches_from(step)`, which does not depend on it.
 
 Bad samples: an image that is missing, unreadable or truncated is counted
 (`images.bad_sample_count()`, per process) and reported in a warning naming
@@ -61,6 +64,9 @@ import dataclasses
 import functools
 import logging
 import math
+import os
+import threading
+import time
 from typing import Any, Iterator
 
 from absl import flags
@@ -433,19 +439,62 @@ def _worker_init(worker_index: int, worker_count: int) -> None:
   del worker_index, worker_count
   # One OpenCV thread per worker: the workers already fill the cores.
   cv2.setNumThreads(1)
+  exit_with_parent()
+
+
+def exit_with_parent(poll_seconds: float = 0.5) -> threading.Thread:
+  """Ends this process soon after its parent is gone.
+
+  grain's workers are daemon processes, which their parent ends when it
+  exits normally; a parent killed with SIGKILL (or by the OOM killer) ends
+  nothing, and each worker (~280 MB) would live on. A daemon thread polls
+  the parent id, which changes when the parent dies.
+  """
+  parent = os.getppid()
+
+  def watch() -> None:
+    while os.getppid() == parent:
+      time.sleep(poll_seconds)
+    os._exit(1)  # pylint: disable=protected-access
+
+  watcher = threading.Thread(target=watch, name='exit-with-parent', daemon=True)
+  watcher.start()
+  return watcher
 
 
 @dataclasses.dataclass
 class TrainLoader:
   """Infinite training batches of one process; `iter()` gives a checkpointable
-  grain DatasetIterator (get_state / set_state)."""
-  dataset: grain.IterDataset
+  grain DatasetIterator (get_state / set_state), `batches_from(step)` the
+  batches from any step on."""
+  elements: grain.MapDataset   # this process's endless stream of samples
   split: datasets.KeypointSplit
   local_batch_size: int
   steps_per_epoch: int
+  config: Any
+  spec: CropSpec
+
+  def batches_from(self, step: int) -> grain.DatasetIterator:
+    """The batches of steps step+1, step+2, ...: this process's stream from
+    element step * local_batch_size on.
+
+    The stream is a function of (seed, element index) only, so this is the
+    iterator a run that made `step` steps would hold, whatever its number
+    of workers: resuming needs the step, not grain's iterator state (which
+    is tied to the worker count).
+    """
+    ds = self.elements[step * self.local_batch_size:]
+    ds = _prefetch(ds.to_iter_dataset(_read_options(self.config)), self.config)
+    return iter(ds.batch(self.local_batch_size, drop_remainder=True).map(AddTargets(self.spec)))
 
   def __iter__(self) -> grain.DatasetIterator:
-    return iter(self.dataset)
+    return self.batches_from(0)
+
+  def order(self) -> dict[str, int]:
+    """What decides the order of the batches: a resumed run must agree."""
+    return {'seed': int(self.config.seed), 'batch_size': int(self.config.batch_size),
+            'process_count': int(self.config.batch_size) // self.local_batch_size,
+            'records': len(self.split)}
 
 
 def train_indices(num_records: int, seed: int) -> grain.MapDataset:
@@ -479,11 +528,10 @@ def make_train_loader(config, *, process_index: int, process_count: int,
   table = _make_table(split)
   ds = train_indices(len(table), int(config.seed)).random_map(
       TrainSample(table, spec, bool(config.data.fail_on_bad_sample)))
-  ds = ds[process_index::process_count]
-  it = _prefetch(ds.to_iter_dataset(_read_options(config)), config)
-  it = it.batch(local_batch, drop_remainder=True).map(AddTargets(spec))
-  return TrainLoader(dataset=it, split=split, local_batch_size=local_batch,
-                     steps_per_epoch=len(table) // config.batch_size)
+  return TrainLoader(elements=ds[process_index::process_count], split=split,
+                     local_batch_size=local_batch,
+                     steps_per_epoch=len(table) // config.batch_size, config=config,
+                     spec=spec)
 
 
 # ------------------------------------------------------------- evaluation
@@ -532,7 +580,11 @@ class EvalLoader:
   local_batch_size: int
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    return iter(self.dataset)
+    batches = iter(self.dataset)
+    try:
+      yield from batches
+    finally:
+      batches.close()  # stops the workers and frees their shared memory now
 
   def __len__(self) -> int:
     return self.num_batches

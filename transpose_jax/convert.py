@@ -1,14 +1,16 @@
 r"""Converts an official TransPose `.pth` into an orbax checkpoint.
 
   python -m transpose_jax.convert --checkpoint=tp_h_48_256x192_enc6_d96_h192_mh1.pth \
-      --output=ckpt/tp_h_a6 [--config=configs/tp_h_a6.py] [--partial]
+      --output=ckpt/tp_h_a6 [--config=configs/tp_h_a6.py] [--partial] [--overwrite]
 
 train.py (`--config.init_from`), eval.py, predict and explain restore the
 output directory. Without --config the variant is recognised from the
 checkpoint's keys and shapes. Strict: missing, unexpected or mis-shaped
 entries are listed, grouped, and nothing is written; --partial loads what
-fits (ImageNet backbones) and reports the rest. Needs PyTorch to read the
-file (`pip install torch`).
+fits (ImageNet backbones) and reports the rest. An output folder that
+already holds files is refused; --overwrite replaces it (the old checkpoint
+stays whole until the new one is written). Needs PyTorch to read the file
+(`pip install torch`).
 """
 
 from absl import flags
@@ -25,6 +27,8 @@ _CONFIG = flags.DEFINE_string(
 _OUTPUT = flags.DEFINE_string('output', None, 'Directory for the orbax checkpoint.')
 _PARTIAL = flags.DEFINE_bool(
     'partial', False, 'Load what fits (ImageNet backbones) and report the rest.')
+_OVERWRITE = flags.DEFINE_bool(
+    'overwrite', False, 'Replace an --output folder that already holds files.')
 flags.mark_flags_as_required(['checkpoint', 'output'])
 
 
@@ -45,9 +49,9 @@ def main(argv) -> None:
                          ('shape mismatch', [m[0] for m in report.mismatched])):
       if names:
         print(f'  {title} ({len(names)}): {", ".join(names[:8])}{", ..." if len(names) > 8 else ""}')
-  store.save_model(_OUTPUT.value, model, config)
-  print(f'wrote {_OUTPUT.value} ({config.variant})')
+  written = store.save_model(_OUTPUT.value, model, config, overwrite=_OVERWRITE.value)
+  print(f'wrote {written} ({config.variant}, from {_CHECKPOINT.value})')
 
 
 if __name__ == '__main__':
-  cli.run(main, errors=(ValueError, FileNotFoundError))
+  cli.run(main, errors=(ValueError, FileNotFoundError, FileExistsError))

@@ -9,8 +9,11 @@ file in the COCO format (a list of {image_id, category_id, bbox [x, y, w, h],
 score}); an image's id is the number its file name spells, as in COCO
 (000000000785.jpg -> 785). Detections scoring below --image_thre (default
 config.data.image_thre) are dropped, as in evaluation. Without --boxes every
-image is one person box. Writes OUTPUT/keypoints.json (COCO results format)
-and OUTPUT/<name>_pose.jpg per image (`inference.predict.predict_path`).
+image is one person box, and image ids are the numbers the file names spell
+when those are distinct, else 1..N (IMG_0001.jpg and DSC_0001.jpg stay two
+images). Writes OUTPUT/keypoints.json (COCO results format), OUTPUT/images.json
+(which file each image id is) and OUTPUT/<name>_pose.jpg per image
+(`inference.predict.predict_path`).
 """
 
 import os
@@ -48,7 +51,8 @@ def main(argv) -> None:
       image_thre=_IMAGE_THRE.value, kpt_threshold=_KPT_THRESHOLD.value)
   images = len({r['image_id'] for r in results})
   print(f'{len(results)} poses in {images} images -> '
-        f'{os.path.join(_OUTPUT.value, "keypoints.json")}')
+        f'{os.path.join(_OUTPUT.value, "keypoints.json")} (image ids: '
+        f'{os.path.join(_OUTPUT.value, predict.IMAGES_FILE)}; pictures: *_pose.jpg)')
 
 
 if __name__ == '__main__':

@@ -196,3 +196,34 @@ def test_cli(model, config, sample, tmp_path):
   results = json.loads((out / 'keypoints.json').read_text())
   assert len(results) == _kept(sample / DETECTIONS, 0.9)[197388]
   assert (out / '000000197388_pose.jpg').is_file()
+
+
+def test_camera_file_names_stay_distinct_images(model, config, sample, tmp_path):
+  """IMG_0001.jpg and DSC_0001.jpg spell the same number: they must still be
+  two images, each pose traceable to its file (images.json)."""
+  folder = tmp_path / 'photos'
+  folder.mkdir()
+  sources = {'IMG_0001.jpg': '000000000785.jpg', 'DSC_0001.jpg': '000000040083.jpg',
+             'holiday.jpg': '000000197388.jpg'}
+  for name, source in sources.items():
+    (folder / name).write_bytes((sample / source).read_bytes())
+  out = tmp_path / 'out'
+  results = predict.predict_path(model, config, folder, out)
+  images = json.loads((out / predict.IMAGES_FILE).read_text())
+  assert len(results) == 3 and len({r['image_id'] for r in results}) == 3
+  by_id = {im['id']: im for im in images}
+  assert sorted(os.path.basename(im['file_name']) for im in images) == sorted(sources)
+  for r in results:
+    image = by_id[r['image_id']]
+    original = cv2.imread(str(sample / sources[os.path.basename(image['file_name'])]))
+    assert (image['height'], image['width']) == original.shape[:2]
+    assert (out / image['pose_picture']).is_file()
+  # COCO names keep the ids they spell (detection files are keyed by them).
+  assert predict.image_ids_for(['a/000000000785.jpg', 'COCO_val2014_000000040083.jpg']) == [785, 40083]
+  det = tmp_path / 'det.json'
+  det.write_text(json.dumps([{'image_id': 1, 'category_id': 1, 'bbox': [10, 10, 50, 80],
+                              'score': 0.9}]))
+  with pytest.raises(ValueError, match='DSC_0001.jpg and IMG_0001.jpg both spell image id 1'):
+    predict.predict_path(model, config, folder, tmp_path / 'out2', detection_file=det)
+  assert predict.pose_picture_names(['x/a.jpg', 'y/a.png', 'b.jpg']) == [
+      'a_jpg_pose.jpg', 'a_png_pose.jpg', 'b_pose.jpg']

@@ -7,6 +7,7 @@ synthetic COCO set, so each training run takes seconds after compilation.
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -83,7 +84,7 @@ def _steps(workdir) -> list[int]:
 def _one_batch_setup(config):
   """Model, state and jitted step for `config`, plus one fixed batch."""
   mesh = sharding.make_mesh()
-  loader, it = trainer.make_train_iterator(config)
+  it = iter(trainer.make_train_loader(config))
   model = trainer.split_model(trainer.build_model(config))
   tx, _ = optim.make_optimizer(config, 1000, model.params)
   host = dict(params=model.params, rest=model.rest, opt_state=tx.init(model.params),
@@ -186,10 +187,17 @@ def test_workdir_of_another_variant_is_refused(trained):
     trainer.train(other, workdir)
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(trained, tmp_path, monkeypatch):
-  config, workdir, _ = trained
+def _resumable_copy(trained, tmp_path):
+  """A copy of the finished run that resumes at step 3."""
+  _, workdir, _ = trained
   shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
   shutil.rmtree(tmp_path / trainer.CHECKPOINT_DIR / '6')
+  return tmp_path
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(trained, tmp_path, monkeypatch):
+  config, _, _ = trained
+  _resumable_copy(trained, tmp_path)
   real_make_step = trainer.make_train_step
 
   def make_step_with_nan_loss(*args, **kwargs):
@@ -204,6 +212,46 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(trained, tmp_path, monkey
                      match=r'at step 4\. The last good checkpoint \(step 3\)'):
     trainer.train(config, tmp_path)
   assert _steps(tmp_path) == [3]
+
+
+def test_resume_with_other_worker_count_reproduces_losses(trained, tmp_path):
+  """0 workers for steps 1-3, then 2 workers: the losses of a run never stopped
+  (grain's iterator state is tied to the worker count; the step is not)."""
+  config, _, first = trained
+  workdir = _resumable_copy(trained, tmp_path)
+  resumed = trainer.train(_config(config.data.root, eval_every_steps=6, keep_checkpoints=2,
+                                  **{'data.num_workers': 2}), workdir)
+  assert sorted(resumed.losses) == [4, 5, 6]
+  np.testing.assert_allclose([resumed.losses[s] for s in (4, 5, 6)],
+                             [first.losses[s] for s in (4, 5, 6)], rtol=1e-6)
+
+
+def test_resume_of_a_checkpoint_holding_grain_iterator_state(trained, tmp_path):
+  """Checkpoints of earlier versions hold grain's iterator state as their data
+  item; they resume by step, with the same losses."""
+  config, _, first = trained
+  workdir = _resumable_copy(trained, tmp_path)
+  data_item = workdir / trainer.CHECKPOINT_DIR / '3' / trainer.DATA_ITEM
+  shutil.rmtree(data_item)
+  data_item.mkdir()
+  (data_item / 'process_0-of-1.json').write_text('{"workers_state": {}}')
+  resumed = trainer.train(_config(config.data.root, eval_every_steps=6, keep_checkpoints=2),
+                          workdir)
+  np.testing.assert_allclose([resumed.losses[s] for s in (4, 5, 6)],
+                             [first.losses[s] for s in (4, 5, 6)], rtol=1e-6)
+
+
+@pytest.mark.parametrize('override, named', [
+    ({'batch_size': 4}, 'config.batch_size: checkpoint 8 vs now 4'),
+    ({'seed': 1}, 'config.seed: checkpoint 0 vs now 1'),
+])
+def test_resume_that_changes_the_data_order_is_refused(trained, tmp_path, override, named):
+  config, _, _ = trained
+  workdir = _resumable_copy(trained, tmp_path)
+  with pytest.raises(trainer.DataOrderError, match=re.escape(named) + r'[\s\S]*new --workdir'):
+    trainer.train(_config(config.data.root, eval_every_steps=6, keep_checkpoints=2,
+                          **override), workdir)
+  assert _steps(workdir) == [3]
 
 
 # ------------------------------------------- interruption (train.py itself)
@@ -286,3 +334,84 @@ def test_sigterm_and_sigkill_then_resume_reproduce_losses(
   assert steps == list(range(1, RESUME_STEPS + 1))
   np.testing.assert_allclose([losses[s] for s in steps],
                              [uninterrupted_losses[s] for s in steps], rtol=1e-6)
+
+
+def _run_train(args, cache) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, str(ROOT / 'train.py'), *args], env=_env(cache),
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_bad_input_is_one_error_line_and_leaves_no_workdir(tiny_data, tmp_path, compile_cache):
+  """Bad annotations and an unreadable init_from stop train.py before any
+  compute: one `error:` line naming the file, exit code 2, no half-made workdir."""
+  root = tmp_path / 'data'
+  shutil.copytree(tiny_data, root)
+  annotations = root / 'annotations' / 'person_keypoints_train2017.json'
+  data = json.loads(annotations.read_text())
+  data['annotations'][0]['keypoints'] = data['annotations'][0]['keypoints'][:-3]
+  annotations.write_text(json.dumps(data))
+  config = f'--config={ROOT / "tests" / "tiny_train_config.py"}:{root}'
+  bad = _run_train([config, f'--workdir={tmp_path / "run1"}'], compile_cache)
+  assert bad.returncode == 2, bad.stderr[-3000:]
+  assert bad.stderr.startswith('error: ') and 'Traceback' not in bad.stderr, bad.stderr[-3000:]
+  first_id = data['annotations'][0]['id']
+  assert f'person_keypoints_train2017.json: 1 bad entry: annotation {first_id}' in bad.stderr
+  assert not (tmp_path / 'run1').exists()
+
+  (tmp_path / 'init.pth').write_bytes(b'not a checkpoint')
+  config = f'--config={ROOT / "tests" / "tiny_train_config.py"}:{tiny_data}'
+  bad = _run_train([config, f'--workdir={tmp_path / "run2"}',
+                    f'--config.init_from={tmp_path / "init.pth"}'], compile_cache)
+  assert bad.returncode == 2, bad.stderr[-3000:]
+  assert bad.stderr.startswith('error: ') and 'Traceback' not in bad.stderr, bad.stderr[-3000:]
+  assert 'init.pth is not a readable PyTorch checkpoint' in bad.stderr
+  assert not (tmp_path / 'run2').exists()
+
+
+def _descendants(pid: int) -> set[int]:
+  """Live processes below `pid` (Linux /proc)."""
+  children: dict[int, list[int]] = {}
+  for stat in pathlib.Path('/proc').glob('[0-9]*/stat'):
+    try:
+      fields = stat.read_text().rsplit(')', 1)[1].split()
+    except OSError:
+      continue
+    children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+  found, todo = set(), [pid]
+  while todo:
+    for child in children.get(todo.pop(), []):
+      found.add(child)
+      todo.append(child)
+  return found
+
+
+def _alive(pid: int) -> bool:
+  try:
+    state = pathlib.Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0]
+  except OSError:
+    return False
+  return state != 'Z'
+
+
+@pytest.mark.skipif(not pathlib.Path('/proc/self/stat').exists(), reason='needs /proc')
+def test_sigkill_leaves_no_data_worker_behind(tiny_data, tmp_path, compile_cache):
+  """...and the resumed run (data workers, evaluation at the end) ends clean:
+  no traceback at shutdown, no leaked shared memory."""
+  cmd = _train_cmd(tiny_data, tmp_path) + ['--config.data.num_workers=2',
+                                           f'--config.eval_every_steps={RESUME_STEPS}']
+  proc = _start_and_wait(cmd, _env(compile_cache), tmp_path, until_step=6, min_checkpoint=5)
+  workers = _descendants(proc.pid)
+  assert len(workers) >= 2, workers   # the data workers (and their helpers)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  deadline = time.time() + 10
+  while time.time() < deadline and any(map(_alive, workers)):
+    time.sleep(0.2)
+  assert not [p for p in workers if _alive(p)]
+
+  done = subprocess.run(cmd, env=_env(compile_cache), cwd=ROOT, capture_output=True,
+                        text=True, timeout=600)
+  output = done.stdout + done.stderr
+  assert done.returncode == 0, output[-3000:]
+  assert 'Resuming from' in output and 'AP' in output, output[-3000:]
+  assert 'Traceback' not in output and 'leaked' not in output, output[-3000:]

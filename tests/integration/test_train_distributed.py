@@ -111,14 +111,14 @@ def test_two_processes_four_devices_each(tiny_data, tmp_path, one_device):
       raise
   for proc, out in zip(procs, outputs):
     assert proc.returncode == 0, out[-5000:]
-  # Only process 0 writes the logs; every process saves its data iterator.
+  # Only process 0 writes the logs and the checkpoint's data-order record.
   lines = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   losses = {m['step']: m['loss'] for m in lines if 'loss' in m}
   assert sorted(losses) == [1, 2, 3] and len(lines) == 3
   step = tmp_path / 'checkpoints' / '3'
   assert (step / 'model').is_dir() and (step / 'train').is_dir()
-  assert sorted(p.name for p in (step / 'data').glob('process_*.json')) == [
-      'process_0-of-2.json', 'process_1-of-2.json']
+  order = json.loads((step / 'data' / 'metadata').read_text())['order']
+  assert order['process_count'] == 2 and order['batch_size'] == 8
   # The global batch holds the same images as on one device (in another
   # order): with synchronised BatchNorm and no dropout, the same losses.
   np.testing.assert_allclose(_values(losses),

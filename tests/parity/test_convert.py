@@ -157,6 +157,23 @@ def test_cli_writes_a_checkpoint_that_restores(tmp_path, reference_dir):
   with pytest.raises(ValueError, match='model.name'):
     store.restore_model(tmp_path / 'ckpt', official.variant_config('tp_h_s'))
 
+  # Converting another model into the same folder: refused, the old weights
+  # untouched (orbax alone would skip the existing step and keep them behind a
+  # successful-looking run); with --overwrite, replaced.
+  other = reference_dir / 'tp_h_s' / 'state_dict.pth'
+  refused = _run_cli('--checkpoint', other, '--output', tmp_path / 'ckpt')
+  assert refused.returncode == 2 and 'already holds files' in refused.stderr, refused.stderr
+  assert 'wrote' not in refused.stdout
+  got = official.to_official(store.restore_model(tmp_path / 'ckpt', config))
+  np.testing.assert_array_equal(got['final_layer.weight'], expected['final_layer.weight'])
+  replaced = _run_cli('--checkpoint', other, '--output', tmp_path / 'ckpt', '--overwrite')
+  assert replaced.returncode == 0, replaced.stderr
+  assert f'wrote {tmp_path / "ckpt" / "0"} (tp_h_s' in replaced.stdout
+  got = official.to_official(store.restore_model(tmp_path / 'ckpt', official.variant_config('tp_h_s')))
+  for key, value in official.read_state_dict(other).items():
+    np.testing.assert_array_equal(got[key], value, err_msg=key)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt']   # no staging leftovers
+
 
 def test_cli_refuses_a_wrong_config_and_writes_nothing(tmp_path, reference_dir):
   result = _run_cli('--checkpoint', reference_dir / 'tp_h_s' / 'state_dict.pth',

@@ -163,3 +163,47 @@ def test_impossible_boxes_are_counted_and_skipped(tmp_path, coco_dir, caplog):
   assert 'annotation 442619' in caplog.text and '198196' in caplog.text
   with pytest.raises(images.BadSampleError, match='442619'):
     datasets.load_coco(None, 'x', fail_on_bad_sample=True, **kwargs)
+
+
+@pytest.mark.parametrize('breakage, named', [
+    (lambda d: d['annotations'][0].update(keypoints=d['annotations'][0]['keypoints'][:48]),
+     r'annotation 442619 \(image 785\): 48 keypoint values, expected 51'),
+    (lambda d: d['annotations'][0].update(keypoints=[0] * 50),
+     r'annotation 442619 \(image 785\): 50 keypoint values'),
+    (lambda d: d['annotations'][1].pop('keypoints'),
+     r'annotation 198196 \(image 40083\): keypoints .* \(missing\)'),
+    (lambda d: d['annotations'][1].update(area=None),
+     r'annotation 198196 \(image 40083\): area None is not a number'),
+    (lambda d: d['annotations'][1].update(bbox=['10', '20', '30', '40']),
+     r"annotation 198196 \(image 40083\): bbox \['10', '20', '30', '40'\] is not 4 numbers"),
+    (lambda d: d['annotations'][1].update(image_id=123),
+     r'annotation 198196 \(image 123\): image_id is not the id of any image'),
+    (lambda d: d['images'][0].update(width='640'),
+     r"image entry 0 \(id 785\): width '640' is not a positive number"),
+    (lambda d: d.pop('images'), r'not a COCO-format annotation file'),
+])
+def test_bad_annotations_name_file_annotation_and_image(tmp_path, coco_dir, breakage, named):
+  """Checked before any compute: one error naming the file, the annotation
+  and its image, where the official code crashed later (reshape errors,
+  KeyError, TypeError, or inside pycocotools after the whole inference)."""
+  data = json.loads((coco_dir / 'test_coco.json').read_text())
+  breakage(data)
+  path = tmp_path / 'broken.json'
+  path.write_text(json.dumps(data))
+  for is_train in (True, False):
+    with pytest.raises(datasets.AnnotationError, match=r'broken\.json: .*' + named):
+      datasets.load_coco(None, 'x', is_train=is_train, annotation_file=str(path),
+                         image_dir=str(coco_dir))
+
+
+def test_keypoint_count_of_another_dataset_suggests_num_joints(tmp_path, coco_dir):
+  data = json.loads((coco_dir / 'test_coco.json').read_text())
+  for a in data['annotations']:
+    a['keypoints'] = a['keypoints'][:14 * 3]
+  path = tmp_path / 'crowdpose_like.json'
+  path.write_text(json.dumps(data))
+  with pytest.raises(datasets.AnnotationError,
+                     match=r'crowdpose_like\.json: 14 bad entries: .*and 9 more\. The file has 14 '
+                           r'keypoints per person and the model 17: set --config\.model\.num_joints=14'):
+    datasets.load_coco(None, 'x', is_train=True, annotation_file=str(path),
+                       image_dir=str(coco_dir))

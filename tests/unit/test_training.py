@@ -298,3 +298,27 @@ def test_mpii_finetune_initialises_from_a_coco_checkpoint(reference_dir):
   labels = optim.param_labels(params, optim.lr_overrides(config))
   assert set(jax.tree.leaves(labels['final_layer'])) == {'final_layer'}
   assert set(jax.tree.leaves(labels['backbone'])) == {optim.DEFAULT_GROUP}
+
+
+def test_images_per_second_exclude_saving_and_evaluation():
+  """Steps of 1 s with a 100 s save after step 2 and a log at step 4: 4 steps
+  in 4 training seconds (the old figure divided them by the 2 s since the save)."""
+  now = [0.0]
+  clock = trainer.TrainingClock(lambda: now[0])
+  for step in range(1, 5):
+    now[0] += 1.0
+    if step == 2:
+      clock.pause()
+      now[0] += 100.0
+      clock.resume()
+  assert clock.lap() == 4.0
+  now[0] += 1.0
+  assert clock.lap() == 1.0
+  clock.pause()
+  clock.pause()
+  now[0] += 50.0
+  assert clock.lap() == 0.0
+  now[0] += 10.0
+  clock.resume()
+  now[0] += 2.0
+  assert clock.lap() == 2.0

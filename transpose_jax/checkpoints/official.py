@@ -144,6 +144,10 @@ def _size_hint(given, expected) -> str:
           'recognises the variant from the keys and shapes.')
 
 
+class CheckpointFileError(ValueError):
+  """A file that is not a readable PyTorch state_dict."""
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Tensors of a PyTorch checkpoint file as numpy arrays ('module.' prefixes removed).
 
@@ -157,14 +161,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pickle, zip and unsafe-object errors all mean "not a checkpoint".
-    raise ValueError(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: '
+    raise CheckpointFileError(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: '
                      f'{str(e).splitlines()[0] if str(e) else ""}). Expected a .pth file holding a '
                      'state_dict, e.g. an official TransPose release file.') from None
   if isinstance(obj, Mapping) and 'state_dict' in obj and isinstance(obj['state_dict'], Mapping):
     obj = obj['state_dict']
   if not isinstance(obj, Mapping) or not obj or not all(
       isinstance(v, torch.Tensor) for v in obj.values()):
-    raise ValueError(f'{path} holds a {type(obj).__name__}, not a state_dict of tensors')
+    raise CheckpointFileError(f'{path} holds a {type(obj).__name__}, not a state_dict of tensors')
   result = {}
   for key, tensor in obj.items():
     key = key[len('module.'):] if key.startswith('module.') else key

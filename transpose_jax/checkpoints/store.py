@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -102,11 +103,41 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
   return restored[META_ITEM]
 
 
-def save_model(directory, model: nnx.Module, config, *, step: int = 0) -> None:
-  """Write a model-only checkpoint (what the converter produces)."""
-  with _manager(directory) as manager:
-    manager.save(step, args=ocp.args.Composite(**model_save_args(model, config)))
-    manager.wait_until_finished()
+def save_model(directory, model: nnx.Module, config, *, step: int = 0,
+               overwrite: bool = False) -> pathlib.Path:
+  """Writes a model-only checkpoint (what the converter produces); returns
+  the folder of the written step.
+
+  orbax skips a step that already exists, which would leave the old weights
+  in place behind a successful-looking save, so an existing non-empty
+  `directory` is refused unless `overwrite`; then the new checkpoint is
+  written beside it and swapped in by renames, so that a failed save leaves
+  the old one whole.
+  """
+  directory = pathlib.Path(directory).absolute()
+  if directory.exists() and not directory.is_dir():
+    raise FileExistsError(f'{directory} exists and is not a folder: choose another output')
+  replace = directory.is_dir() and any(directory.iterdir())
+  if replace and not overwrite:
+    raise FileExistsError(
+        f'{directory} already holds files: pass --overwrite to replace them, or '
+        'choose a new output folder')
+  staging = directory.with_name(f'.{directory.name}.writing-{os.getpid()}')
+  shutil.rmtree(staging, ignore_errors=True)
+  try:
+    with _manager(staging) as manager:
+      manager.save(step, args=ocp.args.Composite(**model_save_args(model, config)))
+      manager.wait_until_finished()
+    if directory.is_dir():
+      retired = directory.with_name(f'.{directory.name}.replaced-{os.getpid()}')
+      directory.rename(retired)
+      staging.rename(directory)
+      shutil.rmtree(retired)
+    else:
+      staging.rename(directory)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return directory / str(step)
 
 
 def locate(path) -> tuple[pathlib.Path, int]:

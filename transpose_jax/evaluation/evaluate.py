@@ -21,6 +21,7 @@ official pred.mat) and WORKDIR/metrics.json.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -143,6 +144,11 @@ def run_inference(model: nnx.Module, config, split, *,
       logger.info('eval batch %d / %d', step + 1, len(loader))
   if pending is not None:
     decode_batch(*pending)
+  # The loader's batches sit in reference cycles (grain's iterators): freed
+  # only by a collection, their shared memory would still be allocated at
+  # exit ("leaked shared_memory objects").
+  batch = pending = None
+  gc.collect()
   if start is not None and timed_crops:
     rate = timed_crops * jax.process_count() / (time.perf_counter() - start)
     logger.info('eval throughput: %.1f crops/s on %d device(s), flip test %s',

@@ -14,9 +14,12 @@ config.data.in_vis_thre); no OKS-NMS: one pose per kept box.
 
 Writes OUTPUT/keypoints.json (COCO results format: image_id, category_id 1,
 keypoints [x, y, score] * K flattened, score; plus the bbox used and the
-crop's center and scale, as the official results files) and, per
-image with at least one box, OUTPUT/<name>_pose.jpg with the skeletons drawn
-(joints scoring below --kpt_threshold are not drawn).
+crop's center and scale, as the official results files), OUTPUT/images.json
+(COCO `images` entries: id, file_name, height, width, and the pose picture:
+which file each image_id is) and, per image with at least one box,
+OUTPUT/<name>_pose.jpg with the skeletons drawn (joints scoring below
+--kpt_threshold are not drawn). Image ids are distinct per file
+(`image_ids_for`).
 """
 
 from __future__ import annotations
@@ -65,17 +68,51 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     ) from e
 
 
-def image_id_of(path: str | os.PathLike, fallback: int = 0) -> int:
+def image_id_of(path: str | os.PathLike, fallback: int | None = 0) -> int | None:
   """The COCO image id a file name spells (000000000785.jpg -> 785).
 
-  Names with other characters use their last run of digits; names without
-  digits get `fallback`.
+  Names with other characters use their last run of digits
+  (COCO_val2014_000000000785.jpg -> 785); names without digits get
+  `fallback`.
   """
   stem = os.path.splitext(os.path.basename(os.fspath(path)))[0]
   if stem.isdigit():
     return int(stem)
   digits = re.findall(r'\d+', stem)
   return int(digits[-1]) if digits else fallback
+
+
+def _shared_ids(files: Sequence[str], ids: Sequence[int | None]) -> list[str]:
+  """'a.jpg and b.jpg both spell image id 1' for each id two names share."""
+  by_id: dict[int | None, list[str]] = {}
+  for f, i in zip(files, ids):
+    by_id.setdefault(i, []).append(os.path.basename(f))
+  return [f'{" and ".join(names[:3])} {"both spell" if len(names) == 2 else "spell"} '
+          f'image id {i}' for i, names in by_id.items() if i is not None and len(names) > 1]
+
+
+def image_ids_for(files: Sequence[str], *, from_names: bool = False) -> list[int]:
+  """One distinct COCO image id per file.
+
+  The numbers the file names spell (`image_id_of`) when every name spells
+  one and no two spell the same; otherwise 1..N in file order, since camera
+  names such as IMG_0001.jpg and DSC_0001.jpg would share an id and mix
+  their poses. `from_names`: the ids must come from the names (they key a
+  detection file); a name without a number or two names with the same one
+  are an error naming the files.
+  """
+  spelled = [image_id_of(f, fallback=None) for f in files]
+  shared = _shared_ids(files, spelled)
+  if None not in spelled and not shared:
+    return spelled
+  if from_names:
+    unnamed = [os.path.basename(f) for f, i in zip(files, spelled) if i is None]
+    problems = shared + ([f'{", ".join(unnamed[:3])} spell no number'] if unnamed else [])
+    raise ValueError(
+        'a detection file keys its boxes by the image id each file name spells, as in '
+        f'COCO (000000000785.jpg -> 785), but {"; ".join(problems)}: rename the images '
+        'to their ids, or predict them without --boxes')
+  return list(range(1, len(files) + 1))
 
 
 def list_images(path: str | os.PathLike) -> list[str]:
@@ -385,7 +422,7 @@ def predict_path(model, config, image_path: str | os.PathLike,
     The COCO results entries written to OUTPUT/keypoints.json.
   """
   files = list_images(image_path)
-  image_ids = [image_id_of(f, fallback=i) for i, f in enumerate(files)]
+  image_ids = image_ids_for(files, from_names=bool(detection_file))
   boxes: list[Any] = [None] * len(files)
   box_scores: list[Any] = [None] * len(files)
   if detection_file:
@@ -414,7 +451,8 @@ def predict_path(model, config, image_path: str | os.PathLike,
   threshold = (float(config.data.in_vis_thre) if kpt_threshold is None
                else kpt_threshold)
   os.makedirs(output_dir, exist_ok=True)
-  results = []
+  results, written_images = [], []
+  pictures = pose_picture_names(files)
   # Groups of about _CHUNK boxes: batched inference, bounded memory.
   groups, group, size = [], [], 0
   for i in keep:
@@ -432,12 +470,29 @@ def predict_path(model, config, image_path: str | os.PathLike,
                              [image_ids[i] for i in group],
                              [where[i] for i in group])
     for i, image, found in zip(group, images, persons):
-      stem = os.path.splitext(os.path.basename(files[i]))[0]
-      visualize.save_image(
-          os.path.join(output_dir, f'{stem}_pose.jpg'),
-          draw_persons(image, found, kpt_threshold=threshold))
+      picture = os.path.join(output_dir, pictures[i])
+      visualize.save_image(picture, draw_persons(image, found, kpt_threshold=threshold))
       results.extend(results_entry(p) for p in found)
+      written_images.append({'id': image_ids[i], 'file_name': os.path.abspath(files[i]),
+                             'height': image.shape[0], 'width': image.shape[1],
+                             'pose_picture': os.path.basename(picture)})
     logger.info('%d / %d images', group[-1] + 1, len(files))
   with open(os.path.join(output_dir, 'keypoints.json'), 'w') as f:
     json.dump(results, f)
+  with open(os.path.join(output_dir, IMAGES_FILE), 'w') as f:
+    json.dump(written_images, f, indent=1)
   return results
+
+
+IMAGES_FILE = 'images.json'
+
+
+def pose_picture_names(files: Sequence[str]) -> list[str]:
+  """<stem>_pose.jpg per file, or <stem>_<ext>_pose.jpg where two files share
+  a stem (a.jpg and a.png must not overwrite each other's picture)."""
+  stems = [os.path.splitext(os.path.basename(f)) for f in files]
+  count: dict[str, int] = {}
+  for stem, _ in stems:
+    count[stem] = count.get(stem, 0) + 1
+  return [f'{stem}_pose.jpg' if count[stem] == 1 else f'{stem}_{ext.lstrip(".").lower()}_pose.jpg'
+          for stem, ext in stems]

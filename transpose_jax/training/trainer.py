@@ -17,8 +17,8 @@
               mesh, which picks the kernels of `config.model.kernels='auto'`;
   checkpoint  an orbax CheckpointManager in `workdir/checkpoints`: the model
               (`checkpoints.store`'s items, so eval.py reads a training
-              workdir), optimizer state, step, RNG and the data
-              iterator; saved every `checkpoint_every_steps`, at the end, on
+              workdir), optimizer state, step, RNG and what decides the data
+              order; saved every `checkpoint_every_steps`, at the end, on
               SIGTERM; the last `keep_checkpoints` and the best by AP are kept;
   evaluation  every `eval_every_steps` and at the end, with the eval.py path
               (`evaluation.evaluate`); COCO AP (MPII: PCKh) ranks checkpoints;
@@ -32,9 +32,12 @@ run resumes from are dropped, as they are recomputed), `tensorboard/`
 (loss, lr, gradient norm, images/s, eval AP), `checkpoints/<step>/`,
 `eval/step_<step>/` (evaluation results).
 
-Determinism: the data order depends on the seed and the iterator state only,
-and the dropout key of step s is `fold_in(key(seed), s)`, so a run resumed from
-a checkpoint computes the same losses as one that was never interrupted. The
+Determinism: the data of step s depends on the seed, the batch size, the
+number of processes and the records only (`TrainLoader.batches_from`), not
+on the number of data workers, and the dropout key of step s is
+`fold_in(key(seed), s)`, so a run resumed from a checkpoint computes the same
+losses as one that was never interrupted, with any `data.num_workers`; a
+resume that would change the data order is refused, naming the setting. The
 masks are a counter hash of that key and each element's position
 (`models.layers.dropout_keep_mask`): the same on any device count.
 """
@@ -46,13 +49,13 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import signal
 import threading
 import time
 from typing import Any, Callable
 
 from absl import logging
-import grain
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -79,6 +82,7 @@ from transpose_jax.training import optim
 
 TRAIN_ITEM = 'train'
 DATA_ITEM = 'data'
+DATA_FORMAT = 'transpose_jax.data_order/1'
 CHECKPOINT_DIR = 'checkpoints'
 METRICS_FILE = 'metrics.jsonl'
 CONFIG_FILE = 'config.json'
@@ -129,12 +133,10 @@ def prepare_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   return config
 
 
-def make_train_iterator(config: ml_collections.ConfigDict):
-  """This process's training iterator (get_state/set_state) and its loader."""
-  loader = pipeline.make_train_loader(
-      config, process_index=jax.process_index(),
-      process_count=jax.process_count())
-  return loader, iter(loader)
+def make_train_loader(config: ml_collections.ConfigDict) -> pipeline.TrainLoader:
+  """This process's training loader."""
+  return pipeline.make_train_loader(
+      config, process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict, loader: Any) -> int:
@@ -304,13 +306,14 @@ def _train_item(state: dict, base_key: jax.Array) -> dict:
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, step: int, model: Model,
-                    state: dict, base_key: jax.Array, data_iter: Any, config,
+                    state: dict, base_key: jax.Array, data_order: dict, config,
                     metrics: dict | None = None) -> None:
+  """`data_order`: `TrainLoader.order()`, checked when the run resumes."""
   net = model.merge(state['params'], state['rest'])
   args = ocp.args.Composite(**{
       **store.model_save_args(net, config, to_host=False),
       TRAIN_ITEM: ocp.args.StandardSave(_train_item(state, base_key)),
-      DATA_ITEM: grain.checkpoint.CheckpointSave(data_iter),
+      DATA_ITEM: ocp.args.JsonSave({'format': DATA_FORMAT, 'order': data_order}),
   })
   manager.save(step, args=args, metrics=metrics, force=True)
 
@@ -331,17 +334,44 @@ def check_workdir_variant(manager: ocp.CheckpointManager, step: int, config) -> 
         'pass a new --workdir to start this one.') from e
 
 
+class DataOrderError(ValueError):
+  """A resume whose settings would feed the model other data than the run had."""
+
+
+def check_data_order(manager: ocp.CheckpointManager, step: int, data_order: dict) -> None:
+  """Refuses to resume `step` with settings that change the data order.
+
+  Checkpoints of earlier versions hold grain's iterator state instead (one
+  `process_*.json` per process); they resume by step as well, unchecked.
+  """
+  item = manager.directory / str(step) / DATA_ITEM
+  if not item.is_dir() or any(item.glob('process_*-of-*.json')):
+    return
+  saved = manager.restore(step, args=ocp.args.Composite(**{
+      DATA_ITEM: ocp.args.JsonRestore()}))[DATA_ITEM]['order']
+  names = {'seed': 'config.seed', 'batch_size': 'config.batch_size',
+           'process_count': 'the number of processes',
+           'records': 'the number of training records'}
+  changed = [f'{names.get(k, k)}: checkpoint {saved[k]} vs now {data_order.get(k)}'
+             for k in saved if saved[k] != data_order.get(k)]
+  if changed:
+    raise DataOrderError(
+        f'{manager.directory / str(step)} was trained with other data settings:\n  '
+        + '\n  '.join(changed) + '\nResuming would change the order of the training '
+        'data. Resume with the saved values (config.json in the workdir), or start '
+        'fresh in a new --workdir.')
+
+
 def restore_checkpoint(manager: ocp.CheckpointManager, step: int, model: Model,
-                       state: dict, base_key: jax.Array, data_iter: Any,
+                       state: dict, base_key: jax.Array,
                        config) -> tuple[dict, jax.Array]:
-  """Restores `step` into (state, base_key), with state's shardings, and the
-  data iterator (in place)."""
+  """Restores `step` into (state, base_key), with state's shardings (the
+  data continues from the step: `TrainLoader.batches_from`)."""
   check_workdir_variant(manager, step, config)
   net = model.merge(state['params'], state['rest'])
   restored = manager.restore(step, args=ocp.args.Composite(**{
       **store.model_restore_args(net, sharded=True),
       TRAIN_ITEM: ocp.args.StandardRestore(_abstract(_train_item(state, base_key))),
-      DATA_ITEM: grain.checkpoint.CheckpointRestore(data_iter),
   }))
   store.load_model_item(net, restored, str(manager.directory / str(step)))
   loaded = split_model(net)
@@ -407,6 +437,39 @@ class _Preemption:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
+
+
+class TrainingClock:
+  """Seconds spent training since the last reading, pauses excluded.
+
+  Images/s must count only the steps' time: a window of logged steps may
+  span a checkpoint save or an evaluation, which is paused out (dividing
+  the window's images by the time since the save alone gave hundreds of
+  img/s for ~2). `clock` is injectable for tests.
+  """
+
+  def __init__(self, clock: Callable[[], float] = time.perf_counter):
+    self._clock = clock
+    self._seconds = 0.0
+    self._since = clock()
+
+  def pause(self) -> None:
+    if self._since is not None:
+      self._seconds += self._clock() - self._since
+      self._since = None
+
+  def resume(self) -> None:
+    if self._since is None:
+      self._since = self._clock()
+
+  def lap(self) -> float:
+    """Training seconds since the last lap (or the start); starts the next
+    (paused if the clock is)."""
+    now = self._clock()
+    running = self._since is not None
+    seconds = self._seconds + (now - self._since if running else 0.0)
+    self._seconds, self._since = 0.0, now if running else None
+    return seconds
 
 
 class _Writer:
@@ -481,10 +544,26 @@ class TrainResult:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainResult:
-  """Trains (or resumes) in `workdir`; see the module docstring."""
+  """Trains (or resumes) in `workdir`; see the module docstring.
+
+  A run that fails before its first step (bad annotations, an unreadable
+  `init_from`, ...) leaves no workdir behind if it created it.
+  """
+  workdir = pathlib.Path(workdir)
+  created = not workdir.exists()
+  started = threading.Event()
+  try:
+    return _train(config, workdir, started)
+  except BaseException:
+    if created and not started.is_set() and jax.process_index() == 0:
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+           started: threading.Event) -> TrainResult:
   config_schema.check(config, device_count=jax.device_count(),
                       process_count=jax.process_count())
-  workdir = pathlib.Path(workdir)
   lead = jax.process_index() == 0
   config = prepare_data(config)
   if lead:
@@ -493,16 +572,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
 
   # Mesh and input.
   mesh = make_mesh(config)
-  loader, data_iter = make_train_iterator(config)
+  loader = make_train_loader(config)
   num_steps = total_steps(config, loader)
 
-  # A workdir of another variant is refused before anything is built.
+  # A workdir of another variant or data order is refused before anything is built.
   manager = make_manager(workdir, config)
   start = manager.latest_step()
   if start is not None:
     try:
       check_workdir_variant(manager, start, config)
-    except WorkdirMismatchError:
+      check_data_order(manager, start, loader.order())
+    except (WorkdirMismatchError, DataOrderError):
       manager.close()
       raise
 
@@ -526,9 +606,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
     logging.info('Resuming from %s at step %d.', manager.directory, start)
     if lead:
       print(f'Resuming from {manager.directory} at step {start}.', flush=True)
-    state, base_key = restore_checkpoint(manager, start, model, state, base_key,
-                                         data_iter, config)
+    state, base_key = restore_checkpoint(manager, start, model, state, base_key, config)
   start = int(start or 0)
+  data_iter = loader.batches_from(start)
 
   evaluator = Evaluator(config, workdir, mesh)
   writer = _Writer(workdir, start, num_steps, enabled=lead)
@@ -537,12 +617,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
   result = TrainResult(step=start, total_steps=num_steps, preempted=False,
                        losses={}, best_ap=best_ap)
   window: list[float] = []
-  window_start = time.perf_counter()
+  clock = TrainingClock()
   pending = None  # (step, device metrics) of the last dispatched step
 
   def check(pending_step, metrics):  # pylint: disable=redefined-outer-name
     """Waits for a step's metrics: non-finite check, logs."""
-    nonlocal window_start
     loss = float(metrics['loss'])
     grad_norm = float(metrics['grad_norm'])
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -556,8 +635,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
     window.append(loss)
     lr = lrs(pending_step - 1)[optim.DEFAULT_GROUP]
     if pending_step % config.log_every_steps == 0 or pending_step == num_steps:
-      now = time.perf_counter()
-      rate = len(window) * config.batch_size / max(now - window_start, 1e-9)
+      rate = len(window) * config.batch_size / max(clock.lap(), 1e-9)
       mean_loss = float(np.mean(window))
       writer.record(pending_step, {
           'train/loss': mean_loss, 'train/lr': lr,
@@ -566,10 +644,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
       writer.progress(pending_step, {'loss': f'{mean_loss:.3g}', 'lr': f'{lr:.2e}',
                                      'img/s': f'{rate:.1f}'})
       window.clear()
-      window_start = now
     else:
       writer.progress(pending_step, {'loss': f'{loss:.3g}', 'lr': f'{lr:.2e}'})
 
+  started.set()
   try:
     step = start
     while step < num_steps:
@@ -589,6 +667,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
         continue
       check(*pending)
       pending = None
+      clock.pause()  # the rate excludes evaluation and saving
       score = None
       if do_eval and not stop:
         name, score = primary_metric(
@@ -599,9 +678,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
           writer.record(step, {f'eval/{name}': score, f'eval/best_{name}': best_ap},
                         {name: score})
           writer.message(f'step {step}: {name} {score:.4f} (best {best_ap:.4f})')
-      save_checkpoint(manager, step, model, state, base_key, data_iter, config,
+      save_checkpoint(manager, step, model, state, base_key, loader.order(), config,
                       metrics=None if score is None else {'score': score})
-      window_start = time.perf_counter()  # the rate excludes eval and saving
+      clock.resume()
       if stop:
         result.preempted = True
         logging.warning('Stopped at step %d after SIGTERM; rerun to resume.', step)
@@ -614,6 +693,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
     writer.close()
     preemption.close()
     manager.close()
+    data_iter.close()  # stops the worker processes and frees their shared memory
   return result
 
 
