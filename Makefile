@@ -18,6 +18,16 @@ JPEG_ROI := input_pipeline/_jpeg_roi.so
 OFFICIAL ?=
 BASELINE ?=
 ROUNDS ?= 1
+# The accelerator build of jax, at the version requirements.txt installed:
+# `make install ACCEL=cuda12` (or cuda13, tpu). Empty: CPU only.
+ACCEL ?=
+ACCELS := cuda12 cuda13 tpu
+ifneq ($(ACCEL),)
+ifeq ($(filter $(ACCEL),$(ACCELS)),)
+$(error ACCEL=$(ACCEL): expected one of $(ACCELS), or nothing for CPU)
+endif
+STAMP := $(VENV)/.installed-$(ACCEL)
+endif
 
 .PHONY: install test test-slow test-all demo bench clean
 
@@ -31,6 +41,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(if $(ACCEL),$(PY) -m pip install -q "jax[$(ACCEL)]==$$($(PY) -c 'import jax; print(jax.__version__)')")
 	touch $(STAMP)
 
 # JPEG region decoding for the training pipeline (input_pipeline/jpeg_roi.py);

@@ -248,10 +248,12 @@ def test_resume_of_a_checkpoint_holding_grain_iterator_state(trained, tmp_path):
 def test_resume_that_changes_the_data_order_is_refused(trained, tmp_path, override, named):
   config, _, _ = trained
   workdir = _resumable_copy(trained, tmp_path)
+  saved_config = (workdir / trainer.CONFIG_FILE).read_text()
   with pytest.raises(trainer.DataOrderError, match=re.escape(named) + r'[\s\S]*new --workdir'):
     trainer.train(_config(config.data.root, eval_every_steps=6, keep_checkpoints=2,
                           **override), workdir)
   assert _steps(workdir) == [3]
+  assert (workdir / trainer.CONFIG_FILE).read_text() == saved_config
 
 
 # ------------------------------------------- interruption (train.py itself)
@@ -398,7 +400,8 @@ def test_sigkill_leaves_no_data_worker_behind(tiny_data, tmp_path, compile_cache
   """...and the resumed run (data workers, evaluation at the end) ends clean:
   no traceback at shutdown, no leaked shared memory."""
   cmd = _train_cmd(tiny_data, tmp_path) + ['--config.data.num_workers=2',
-                                           f'--config.eval_every_steps={RESUME_STEPS}']
+                                           '--config.num_train_steps=12',
+                                           '--config.eval_every_steps=12']
   proc = _start_and_wait(cmd, _env(compile_cache), tmp_path, until_step=6, min_checkpoint=5)
   workers = _descendants(proc.pid)
   assert len(workers) >= 2, workers   # the data workers (and their helpers)

@@ -9,6 +9,7 @@ and that bad input fails with messages naming the problem.
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -81,7 +82,8 @@ def test_gt_boxes_end_to_end(model, coco_root, tmp_path):
   metrics = evaluate.evaluate(model, config, split, workdir=tmp_path)
   assert list(metrics) == list(coco_metrics.STAT_NAMES)
   assert all(0.0 <= v <= 1.0 for v in metrics.values())
-  assert json.loads((tmp_path / 'metrics.json').read_text()) == metrics
+  assert json.loads((tmp_path / 'metrics.json').read_text()) == {
+      **metrics, 'skipped_images': [], 'skipped_persons': 0}
   results = json.loads((tmp_path / 'results.json').read_text())
   # 12 labelled persons; random weights: NMS may merge a few.
   assert 0 < len(results) <= len(split.records) == 12
@@ -236,3 +238,31 @@ def test_mpii_loop_writes_official_files(data_dir, tmp_path):
   os.remove(root / 'annot' / 'gt_valid.mat')
   with pytest.raises(FileNotFoundError, match='gt_valid.mat'):
     evaluate.evaluate(model, config, split)
+
+
+def test_unreadable_images_are_named_after_the_table(model, coco_root, tmp_path, capsys):
+  """A missing, a truncated and a garbled image: evaluation runs, prints the
+  table, then the three files; metrics.json lists them and their persons."""
+  root = tmp_path / 'coco'
+  shutil.copytree(coco_root, root, symlinks=True)
+  images = root / 'images' / 'val2017'
+  (images / '000000000785.jpg').unlink()
+  data = (images / '000000040083.jpg').read_bytes()
+  (images / '000000040083.jpg').unlink()
+  (images / '000000040083.jpg').write_bytes(data[:len(data) // 2])
+  (images / '000000196141.jpg').unlink()
+  (images / '000000196141.jpg').write_bytes(
+      b'\xff\xd8' + np.random.default_rng(0).bytes(5000) + b'\xff\xd9')
+  config = _config(root)
+  split = splits.build_split(config, train=False)
+  broken = {'000000000785.jpg', '000000040083.jpg', '000000196141.jpg'}
+  persons = sum(os.path.basename(r['image_path']) in broken for r in split.records)
+  metrics = evaluate.evaluate(model, config, split, workdir=tmp_path / 'out')
+  printed = capsys.readouterr().out
+  table_end = printed.index('| TransPose')
+  named = printed[table_end:]
+  assert f'3 image(s) could not be read; their {persons} person(s) count as misses' in named
+  assert all(name in named for name in broken)
+  written = json.loads((tmp_path / 'out' / 'metrics.json').read_text())
+  assert sorted(map(os.path.basename, written['skipped_images'])) == sorted(broken)
+  assert written['skipped_persons'] == persons and written['AP'] == metrics['AP']

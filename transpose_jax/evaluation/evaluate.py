@@ -16,7 +16,10 @@ distributed:
    (`mpii_metrics`) against ROOT/annot/gt_{val_split}.mat.
 
 Process 0 writes WORKDIR/results.json (COCO results format; MPII: the
-official pred.mat) and WORKDIR/metrics.json.
+official pred.mat) and WORKDIR/metrics.json. Images that are missing,
+truncated or cannot be decoded give no prediction (their persons count as
+misses, as a crash-free official run would count them); they are named after
+the metrics table and in metrics.json (`skipped_images`, `skipped_persons`).
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ def run_inference(model: nnx.Module, config, split, *,
   Returns:
     Dict with 'index' [M] (into split.records, ascending), 'preds' [M, K, 2]
     float32 image pixels and 'maxvals' [M, K, 1] float32, for the M records
-    whose image could be read.
+    whose image could be read; 'unreadable': the indices of the others.
   """
   mesh = sharding.make_mesh() if mesh is None else mesh
   predictor = forward.Predictor.for_config(model, config, split.flip_pairs, mesh=mesh)
@@ -111,9 +114,10 @@ def run_inference(model: nnx.Module, config, split, *,
                                      process_count=jax.process_count())
   records = split.records
   blur = int(config.eval.blur_kernel)
-  indices, preds, maxvals = [], [], []
+  indices, preds, maxvals, unreadable = [], [], [], []
 
   def decode_batch(heatmaps: jax.Array, batch: dict[str, np.ndarray]):
+    unreadable.append(np.asarray(batch['index'])[np.asarray(batch['unreadable'], bool)])
     rows = forward.local_rows(heatmaps)
     mask = np.asarray(batch['mask'], bool)
     index = np.asarray(batch['index'])[mask]
@@ -160,10 +164,14 @@ def run_inference(model: nnx.Module, config, split, *,
              else np.zeros((0, k, 2), np.float32)),
       maxvals=(np.concatenate(maxvals) if maxvals
                else np.zeros((0, k, 1), np.float32)))
+  skipped = {'index': np.concatenate(unreadable) if unreadable else np.zeros(0, np.int64)}
   if jax.process_count() > 1:
     local = _allgather_ragged(local)
+    skipped = _allgather_ragged(skipped)
   order = np.argsort(local['index'], kind='stable')
-  return {key: value[order] for key, value in local.items()}
+  out = {key: value[order] for key, value in local.items()}
+  out['unreadable'] = np.sort(skipped['index'])
+  return out
 
 
 def _allgather_ragged(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -263,9 +271,22 @@ def evaluate(model: nnx.Module, config, split, *,
     logger.info('no ground truth for %s: predictions written, no metrics',
                 split.annotation_file)
     return {}
-  if workdir is not None and jax.process_index() == 0:
-    _write_json(os.path.join(workdir, 'metrics.json'), metrics)
+  skipped = skipped_images(split, out['unreadable'])
+  if jax.process_index() == 0:
+    if skipped['skipped_images']:
+      print(f'{len(skipped["skipped_images"])} image(s) could not be read; their '
+            f'{skipped["skipped_persons"]} person(s) count as misses: '
+            + ', '.join(skipped['skipped_images']), flush=True)
+    if workdir is not None:
+      _write_json(os.path.join(workdir, 'metrics.json'), {**metrics, **skipped})
   return metrics
+
+
+def skipped_images(split, unreadable: np.ndarray) -> dict[str, Any]:
+  """{'skipped_images': the unreadable image files, 'skipped_persons': how
+  many person boxes they held} (metrics.json's record of them)."""
+  paths = sorted({split.records[int(i)]['image_path'] for i in unreadable})
+  return {'skipped_images': paths, 'skipped_persons': int(len(unreadable))}
 
 
 def evaluate_checkpoint(config, checkpoint: str | os.PathLike,

@@ -358,8 +358,8 @@ def check_data_order(manager: ocp.CheckpointManager, step: int, data_order: dict
     raise DataOrderError(
         f'{manager.directory / str(step)} was trained with other data settings:\n  '
         + '\n  '.join(changed) + '\nResuming would change the order of the training '
-        'data. Resume with the saved values (config.json in the workdir), or start '
-        'fresh in a new --workdir.')
+        'data. Resume with the checkpoint\'s values (the workdir\'s config.json), or '
+        'start fresh in a new --workdir.')
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, step: int, model: Model,
@@ -566,9 +566,6 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                       process_count=jax.process_count())
   lead = jax.process_index() == 0
   config = prepare_data(config)
-  if lead:
-    workdir.mkdir(parents=True, exist_ok=True)
-    save_config(config, workdir)
 
   # Mesh and input.
   mesh = make_mesh(config)
@@ -576,6 +573,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   num_steps = total_steps(config, loader)
 
   # A workdir of another variant or data order is refused before anything is built.
+  if lead:
+    workdir.mkdir(parents=True, exist_ok=True)
   manager = make_manager(workdir, config)
   start = manager.latest_step()
   if start is not None:
@@ -585,6 +584,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     except (WorkdirMismatchError, DataOrderError):
       manager.close()
       raise
+  if lead:  # after the checks: a refused run leaves the run's config.json as it was
+    save_config(config, workdir)
 
   # Model and optimizer (config.init_from only matters for a fresh run).
   model = split_model(build_model(config, load_init=start is None))
