@@ -226,7 +226,8 @@ def test_mpii_loop_writes_official_files(data_dir, tmp_path):
   metrics = evaluate.evaluate(model, config, split, workdir=out_dir)
   assert list(metrics) == ['Head', 'Shoulder', 'Elbow', 'Wrist', 'Hip',
                            'Knee', 'Ankle', 'Mean', 'Mean@0.1']
-  assert json.loads((out_dir / 'metrics.json').read_text()) == metrics
+  assert json.loads((out_dir / 'metrics.json').read_text()) == {
+      **metrics, 'skipped_images': [], 'skipped_persons': 0}
   # pred.mat holds the decoded predictions, 1-based, in annotation order.
   import scipy.io  # pylint: disable=g-import-not-at-top
   pred = scipy.io.loadmat(str(out_dir / 'pred.mat'))['preds']
