@@ -299,15 +299,15 @@ def load_coco(root: str | None, split: str, *, is_train: bool,
       for ann in anns_by_image.get(image_id, []):
         if ann.get('iscrowd', 0) != 0:
           continue
-        bbox = ann.get('bbox', [])
-        if len(bbox) != 4 or not _finite(bbox):
-          skipped.append(f'annotation {ann.get("id")} (image {image_id}): '
-                         f'bbox {bbox}')
+        # check_coco_annotations made bbox 4 numbers and area a number.
+        bbox = ann['bbox']
+        if not _finite(bbox):
+          skipped.append(f'annotation {ann["id"]} (image {image_id}): bbox {bbox}')
           continue
         clean = _clean_box(bbox, im['width'], im['height'])
-        if ann.get('area', 0) <= 0 or clean is None:
-          skipped.append(f'annotation {ann.get("id")} (image {image_id}): '
-                         f'bbox {bbox}, area {ann.get("area")}')
+        if ann['area'] <= 0 or clean is None:
+          skipped.append(f'annotation {ann["id"]} (image {image_id}): '
+                         f'bbox {bbox}, area {ann["area"]}')
           continue
         if ann.get('category_id', person_id) != person_id:
           continue

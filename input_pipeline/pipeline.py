@@ -553,7 +553,7 @@ class EvalSample:
     out = dict(image=np.zeros((h, w, 3), np.uint8),
                center=np.zeros(2, np.float32), scale=np.zeros(2, np.float32),
                score=np.float32(0), image_id=np.int64(-1),
-               index=np.int64(index), mask=np.bool_(False), unreadable=np.bool_(False))
+               index=np.int64(index), mask=np.bool_(False))
     if index >= len(self.table):
       out['index'] = np.int64(-1)
       return out
@@ -567,7 +567,6 @@ class EvalSample:
                           record['scale'], 0, False, self.spec)
     except images.BadImageError as e:
       images.report_bad_sample(e, self.fail)
-      out['unreadable'] = np.bool_(True)
       return out
     out['mask'] = np.bool_(True)
     return out
@@ -615,8 +614,8 @@ def make_eval_loader(config, split_data: datasets.KeypointSplit, *,
     An EvalLoader yielding dicts: 'image' uint8 [b, H, W, 3], 'center'
     float32 [b, 2], 'scale' float32 [b, 2], 'score' float32 [b], 'image_id'
     int64 [b], 'index' int64 [b] (into split_data.records, -1 on padding),
-    'mask' bool [b] (False on padding and unreadable images),
-    'unreadable' bool [b] (True on unreadable images).
+    'mask' bool [b] (False on padding and unreadable images: a record
+    index >= 0 with mask False is an unreadable image).
   """
   _check_process(process_index, process_count)
   spec = crop_spec(config, split_data)

@@ -117,10 +117,11 @@ def run_inference(model: nnx.Module, config, split, *,
   indices, preds, maxvals, unreadable = [], [], [], []
 
   def decode_batch(heatmaps: jax.Array, batch: dict[str, np.ndarray]):
-    unreadable.append(np.asarray(batch['index'])[np.asarray(batch['unreadable'], bool)])
     rows = forward.local_rows(heatmaps)
     mask = np.asarray(batch['mask'], bool)
-    index = np.asarray(batch['index'])[mask]
+    positions = np.asarray(batch['index'])
+    unreadable.append(positions[(positions >= 0) & ~mask])  # padding has index -1
+    index = positions[mask]
     if not len(index):
       return
     center = np.stack([np.asarray(records[i]['center']) for i in index])
