@@ -45,6 +45,7 @@ masks are a counter hash of that key and each element's position
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -695,6 +696,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     preemption.close()
     manager.close()
     data_iter.close()  # stops the worker processes and frees their shared memory
+    gc.collect()  # batches in grain's reference cycles, as in evaluate.run_inference
   return result
 
 
