@@ -76,6 +76,9 @@ class KeypointSplit:
       pipeline checks it against the configured image size. None for MPII,
       whose boxes do not depend on it.
     num_skipped: boxes skipped as impossible.
+    keypoint_set: names, flip pairs, skeleton and OKS sigmas of the joints
+      (COCO-format files: from their category, see `keypoints.from_coco_category`).
+    category_id: the person category of a COCO-format file (results use it).
   """
   name: str
   records: list[dict[str, Any]]
@@ -86,6 +89,8 @@ class KeypointSplit:
   upper_body_ids: tuple[int, ...]
   aspect_ratio: float | None
   num_skipped: int = 0
+  keypoint_set: keypoints.KeypointSet | None = None
+  category_id: int = 1
 
   def __len__(self) -> int:
     return len(self.records)
@@ -164,7 +169,7 @@ def check_coco_annotations(coco: Any, path: str, num_joints: int, *,
 
   Checked: the top-level object; every image's id, width and height; every
   annotation's id, image_id (a known image), bbox (4 numbers), area (a
-  number) and, for the non-crowd persons, keypoints (3 x num_joints numbers).
+  number, or absent: then the box's w * h) and, for the non-crowd persons, keypoints (3 x num_joints numbers).
   Impossible but well-formed boxes (no area after clipping) are not errors:
   the official code skips them, and so does `load_coco`.
   """
@@ -201,9 +206,9 @@ def check_coco_annotations(coco: Any, path: str, num_joints: int, *,
     bbox = ann.get('bbox')
     if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_number, bbox))):
       problems.append(f'{where}: bbox {bbox!r} is not 4 numbers [x, y, w, h]')
-    if not _number(ann.get('area')):
-      problems.append(f'{where}: area {ann.get("area")!r} is not a number'
-                      + (' (missing)' if 'area' not in ann else ''))
+    # A missing area (CrowdPose has none) is the box's w * h; a wrong one is an error.
+    if 'area' in ann and not _number(ann['area']):
+      problems.append(f'{where}: area {ann["area"]!r} is not a number')
     if ann.get('iscrowd', 0) or (person_id is not None
                                  and ann.get('category_id', person_id) != person_id):
       continue
@@ -228,14 +233,84 @@ def check_coco_annotations(coco: Any, path: str, num_joints: int, *,
                         f'{shown}{more}.{hint}')
 
 
+def box_area(annotation: dict[str, Any]) -> float:
+  """An annotation's area: its own, or its box's w * h when it has none
+  (CrowdPose); COCO evaluation uses the same (`coco_metrics.load_ground_truth`)."""
+  if 'area' in annotation:
+    return annotation['area']
+  return annotation['bbox'][2] * annotation['bbox'][3]
+
+
+def coco_keypoint_set(coco: dict[str, Any], path: str, num_joints: int, *,
+                      oks_sigmas: Sequence[float] = ()) -> tuple[keypoints.KeypointSet, int]:
+  """(the keypoint set, the person category id) of a COCO-format file.
+
+  The first category is the person one (official class index 1). Its
+  'keypoints' names give the joints (`keypoints.from_coco_category`); a file
+  without names is COCO-17 when the model has 17 joints.
+  """
+  categories = coco.get('categories') or [{'id': 1}]
+  category = categories[0] if isinstance(categories[0], dict) else {'id': 1}
+  person_id = category.get('id', 1)
+  names = category.get('keypoints')
+  sigmas = tuple(oks_sigmas) or None
+  if names is None:
+    if num_joints != keypoints.COCO.num_joints:
+      raise AnnotationError(
+          f'{path}: its first category has no "keypoints" names, so the {num_joints} joints '
+          'of config.model.num_joints cannot be flipped or drawn: add the joint names '
+          '(and "skeleton") to the category, as COCO does')
+    names = list(keypoints.COCO.names)
+  if isinstance(names, list) and len(names) != num_joints:
+    raise AnnotationError(
+        f'{path}: its category {category.get("name", person_id)!r} has {len(names)} '
+        f'keypoints ({", ".join(map(str, names[:4]))}, ...) and the model {num_joints}: '
+        f'set --config.model.num_joints={len(names)}')
+  name = os.path.splitext(os.path.basename(path))[0]
+  try:
+    joint_set = keypoints.from_coco_category(dict(category, keypoints=names), name=name,
+                                             sigmas=sigmas, source=path)
+  except keypoints.KeypointSetError as e:
+    raise AnnotationError(str(e)) from e
+  return joint_set, person_id
+
+
+def keypoint_set(config) -> keypoints.KeypointSet:
+  """The joints of the model config describes, for tools without a dataset
+  (predict, explain): `config.data.keypoints_file` (a COCO-format json whose
+  first category names them), else COCO's 17 or MPII's 16 by joint count."""
+  k = int(config.model.num_joints)
+  path = config.data.get('keypoints_file', '')
+  if path:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'config.data.keypoints_file {path!r} does not exist')
+    with open(path) as f:
+      coco = json.load(f)
+    if not isinstance(coco, dict):
+      raise AnnotationError(f'{path}: not a COCO-format json object')
+    return coco_keypoint_set(coco, path, k, oks_sigmas=tuple(config.data.oks_sigmas))[0]
+  known = keypoints.for_num_joints(k)
+  if known is None:
+    raise ValueError(
+        f'a model with {k} joints: set --config.data.keypoints_file to a COCO-format json '
+        '(e.g. the annotation file it was trained on) whose category names the joints, so '
+        'that flips and skeletons use them')
+  return known
+
+
 def load_coco(root: str | None, split: str, *, is_train: bool,
               use_gt_bbox: bool = True, detection_file: str = '',
               image_thre: float = 0.0, num_joints: int = keypoints.COCO.num_joints,
               annotation_file: str | None = None,
               image_dir: str | None = None,
               aspect_ratio: float = DEFAULT_ASPECT_RATIO,
-              fail_on_bad_sample: bool = False) -> KeypointSplit:
-  """Loads a COCO person-keypoints split.
+              fail_on_bad_sample: bool = False,
+              oks_sigmas: Sequence[float] = ()) -> KeypointSplit:
+  """Loads a COCO-format person-keypoints split (COCO, CrowdPose, OCHuman, ...).
+
+  The joints are the file's (its category's keypoint names, flip pairs from
+  left/right names, skeleton, OKS sigmas; see `coco_keypoint_set`); COCO's
+  own file gives exactly the official COCO setup.
 
   Args:
     root: dataset root (COCO layout); may be None when both annotation_file
@@ -247,11 +322,14 @@ def load_coco(root: str | None, split: str, *, is_train: bool,
     detection_file: person detections json (list of {image_id, category_id,
       bbox [x, y, w, h], score}).
     image_thre: detections scoring below this are dropped.
-    num_joints: 17 for COCO.
+    num_joints: the model's joint count (17 for COCO, 14 for CrowdPose); a
+      file with another count is refused naming the right one.
     annotation_file: overrides ROOT/annotations/person_keypoints_{split}.json.
     image_dir: overrides ROOT/images/{split}.
     aspect_ratio: crop w / h (192 / 256 for every TransPose config).
     fail_on_bad_sample: raise on an impossible box instead of skipping it.
+    oks_sigmas: per-joint OKS sigmas for joints the file's names do not
+      give (empty: from the file, see `keypoints.from_coco_category`).
 
   Returns:
     The KeypointSplit.
@@ -277,9 +355,11 @@ def load_coco(root: str | None, split: str, *, is_train: bool,
   with open(annotation_file) as f:
     coco = json.load(f)
 
-  # Official class index 1 is the first category of the file (person).
-  categories = (coco.get('categories') if isinstance(coco, dict) else None) or [{'id': 1}]
-  person_id = categories[0].get('id', 1) if isinstance(categories[0], dict) else 1
+  if not isinstance(coco, dict):
+    raise AnnotationError(f'{annotation_file}: not a COCO-format annotation file (expected a '
+                          'JSON object)')
+  joint_set, person_id = coco_keypoint_set(coco, annotation_file, num_joints,
+                                           oks_sigmas=oks_sigmas)
   check_coco_annotations(coco, annotation_file, num_joints,
                          person_id=person_id if not is_test else None)
   images = {im['id']: im for im in coco.get('images', [])}
@@ -305,9 +385,10 @@ def load_coco(root: str | None, split: str, *, is_train: bool,
           skipped.append(f'annotation {ann["id"]} (image {image_id}): bbox {bbox}')
           continue
         clean = _clean_box(bbox, im['width'], im['height'])
-        if ann['area'] <= 0 or clean is None:
+        area = box_area(ann)
+        if area <= 0 or clean is None:
           skipped.append(f'annotation {ann["id"]} (image {image_id}): '
-                         f'bbox {bbox}, area {ann["area"]}')
+                         f'bbox {bbox}, area {area}')
           continue
         if ann.get('category_id', person_id) != person_id:
           continue
@@ -355,9 +436,10 @@ def load_coco(root: str | None, split: str, *, is_train: bool,
               len(skipped))
   return KeypointSplit(
       name='coco', records=records, annotation_file=annotation_file,
-      image_dir=image_dir, flip_pairs=keypoints.COCO.flip_pairs,
-      num_joints=num_joints, upper_body_ids=keypoints.COCO.upper_body,
-      aspect_ratio=aspect_ratio, num_skipped=len(skipped))
+      image_dir=image_dir, flip_pairs=joint_set.flip_pairs,
+      num_joints=num_joints, upper_body_ids=joint_set.upper_body,
+      aspect_ratio=aspect_ratio, num_skipped=len(skipped),
+      keypoint_set=joint_set, category_id=person_id)
 
 
 def _image_id(name: str, fallback: int) -> int:
@@ -438,4 +520,4 @@ def load_mpii(root: str | None, split: str, *, is_train: bool,
       name='mpii', records=records, annotation_file=annotation_file,
       image_dir=image_dir, flip_pairs=keypoints.MPII.flip_pairs,
       num_joints=num_joints, upper_body_ids=keypoints.MPII.upper_body,
-      aspect_ratio=None, num_skipped=len(skipped))
+      aspect_ratio=None, num_skipped=len(skipped), keypoint_set=keypoints.MPII)

@@ -25,7 +25,7 @@ def build_split(config, *, train: bool) -> datasets.KeypointSplit:
         d.root, split, is_train=train, use_gt_bbox=d.use_gt_bbox,
         detection_file=d.detection_file, image_thre=d.image_thre,
         num_joints=config.model.num_joints, aspect_ratio=w / h,
-        fail_on_bad_sample=d.fail_on_bad_sample)
+        fail_on_bad_sample=d.fail_on_bad_sample, oks_sigmas=tuple(d.oks_sigmas))
   return datasets.load_mpii(d.root, split, is_train=train,
                             num_joints=config.model.num_joints,
                             fail_on_bad_sample=d.fail_on_bad_sample)

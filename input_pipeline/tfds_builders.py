@@ -289,4 +289,4 @@ def load_split(config, *, train: bool) -> datasets.KeypointSplit:
       annotation_file=str(meta.get(f'{split}/annotation_file', '')),
       image_dir=str(builder.data_dir), num_joints=builder_cls.NUM_JOINTS,
       flip_pairs=joints.flip_pairs, upper_body_ids=joints.upper_body,
-      aspect_ratio=meta.get(f'{split}/aspect_ratio'))
+      aspect_ratio=meta.get(f'{split}/aspect_ratio'), keypoint_set=joints)

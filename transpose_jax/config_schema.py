@@ -97,6 +97,10 @@ def defaults() -> ml_collections.ConfigDict:
   d.in_vis_thre = 0.2             # TEST.IN_VIS_THRE: keypoint score threshold for rescoring
   d.oks_thre = 0.9                # TEST.OKS_THRE
   d.soft_nms = False
+  d.keypoints_file = ''           # predict/explain of a model whose joints are not COCO's or
+                                  # MPII's: a COCO-format json whose category names them
+  d.oks_sigmas = ()               # per-joint OKS sigmas for keypoint sets whose joint names
+                                  # do not give them (keypoints.KNOWN_SIGMAS); (): from the file
   d.sigma = 2.0
   d.scale_factor = 0.35
   d.rot_factor = 45.0

@@ -25,7 +25,7 @@ class KeypointSet:
   """The joints of one dataset layout (0-based indices everywhere).
 
   Attributes:
-    name: 'coco' or 'mpii'.
+    name: 'coco', 'mpii', or the name given to a set read from a file.
     names: joint names ('left_*' / 'right_*' for sided joints).
     eval_names: the names the official evaluation files use (MPII's gt .mat
       abbreviations), or None when they are `names`.
@@ -90,6 +90,102 @@ MPII = KeypointSet(
 )
 
 _BY_NAME = {s.name: s for s in (COCO, MPII)}
+
+# OKS sigmas by joint name: COCO's, and CrowdPose's for the two joints COCO
+# lacks (crowdposetools: head and neck 0.079). Keypoint sets read from a
+# COCO-format file take theirs from here unless the file or the config gives
+# them.
+KNOWN_SIGMAS = {**dict(zip(COCO.names, COCO.sigmas)), 'head': 0.079, 'neck': 0.079}
+
+_SIDES = (('left_', 'right_'), ('l_', 'r_'), ('left', 'right'))
+_LEG_WORDS = ('hip', 'knee', 'ankle', 'foot', 'heel', 'toe')
+_LOWER_BODY_WORDS = _LEG_WORDS + ('pelvis',)
+_ARM_WORDS = ('shoulder', 'elbow', 'wrist', 'hand')
+_HEAD_WORDS = ('nose', 'eye', 'ear', 'head', 'neck', 'mouth')
+
+
+def _mirror(name: str) -> str | None:
+  """The other side's name of a sided joint ('left_knee' -> 'right_knee')."""
+  for left, right in _SIDES:
+    if name.startswith(left):
+      return right + name[len(left):]
+    if name.startswith(right):
+      return left + name[len(right):]
+  return None
+
+
+def _side(name: str) -> str | None:
+  for left, right in _SIDES:
+    if name.startswith(left):
+      return 'left'
+    if name.startswith(right):
+      return 'right'
+  return None
+
+
+def _limb_part(a: str, b: str) -> str:
+  """The body part a limb between joints named a and b is drawn as."""
+  sides = {_side(a), _side(b)} - {None}
+  one_side = len(sides) == 1 and _side(a) is not None and _side(b) is not None
+  def both(words):
+    return all(any(w in n for w in words) for n in (a, b))
+  if one_side and both(_LEG_WORDS) and not both(('hip',)):
+    return LEFT_LEG if 'left' in sides else RIGHT_LEG
+  if one_side and both(_ARM_WORDS) and not both(('shoulder',)):
+    return LEFT_ARM if 'left' in sides else RIGHT_ARM
+  if any(w in n for n in (a, b) for w in _HEAD_WORDS):
+    return HEAD
+  return TORSO
+
+
+class KeypointSetError(ValueError):
+  """A COCO-format category whose keypoints cannot be used as given."""
+
+
+def from_coco_category(category: dict, *, name: str = 'custom',
+                       sigmas: Sequence[float] | None = None,
+                       source: str = 'the annotation file') -> KeypointSet:
+  """The keypoint set a COCO-format `categories` entry describes.
+
+  COCO's own names give `COCO` itself (every COCO-17 file stays bit for bit
+  the official pipeline). Otherwise: names from 'keypoints'; flip pairs from
+  left/right names ('left_x' / 'right_x', 'l_x' / 'r_x'); upper body = the
+  joints not named as legs or hips (the half-body augmentation); limbs from
+  'skeleton' (1-based, as COCO writes it); OKS sigmas from `sigmas`, else the
+  category's own 'sigmas', else by joint name (`KNOWN_SIGMAS`), else None
+  (training and PCK work; COCO AP asks for config.data.oks_sigmas).
+  """
+  names = category.get('keypoints') if isinstance(category, dict) else None
+  if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+    raise KeypointSetError(f'{source}: the category has no "keypoints" list of joint names')
+  if tuple(names) == COCO.names and sigmas is None:
+    return COCO
+  if len(set(names)) != len(names):
+    raise KeypointSetError(f'{source}: joint names repeat in "keypoints": {names}')
+  index = {n: i for i, n in enumerate(names)}
+  flip_pairs = tuple(sorted({tuple(sorted((i, index[_mirror(n)])))
+                             for i, n in enumerate(names) if _mirror(n) in index}))
+  upper_body = tuple(i for i, n in enumerate(names)
+                     if not any(w in n for w in _LOWER_BODY_WORDS))
+  limbs = []
+  for pair in category.get('skeleton') or ():
+    if not (isinstance(pair, (list, tuple)) and len(pair) == 2
+            and all(isinstance(v, int) and 1 <= v <= len(names) for v in pair)):
+      raise KeypointSetError(f'{source}: skeleton entry {pair!r} is not two 1-based joint '
+                             f'numbers in 1..{len(names)}')
+    a, b = pair[0] - 1, pair[1] - 1
+    limbs.append((a, b, _limb_part(names[a], names[b])))
+  if sigmas is None and category.get('sigmas') is not None:
+    sigmas = category['sigmas']
+  if sigmas is None and all(n in KNOWN_SIGMAS for n in names):
+    sigmas = [KNOWN_SIGMAS[n] for n in names]
+  if sigmas is not None:
+    sigmas = tuple(float(v) for v in sigmas)
+    if len(sigmas) != len(names) or not all(v > 0 for v in sigmas):
+      raise KeypointSetError(f'{source}: {len(sigmas)} OKS sigmas for {len(names)} joints '
+                             '(expected one positive value per joint)')
+  return KeypointSet(name=name, names=tuple(names), flip_pairs=flip_pairs,
+                     upper_body=upper_body, limbs=tuple(limbs), sigmas=sigmas)
 
 
 def by_name(name: str) -> KeypointSet:

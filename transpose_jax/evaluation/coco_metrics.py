@@ -161,12 +161,25 @@ def write_results(results: Sequence[Mapping[str, Any]], path: str) -> None:
 
 
 def load_ground_truth(annotation_file: str):
-  """pycocotools COCO object for an annotation file (quietly)."""
+  """pycocotools COCO object for an annotation file (quietly).
+
+  Annotations without an 'area' (CrowdPose) get their box's w * h, which
+  the records of `datasets.load_coco` use too: pycocotools reads the area
+  for OKS and the area ranges. Files that have areas load unchanged.
+  """
   if not os.path.isfile(annotation_file):
     raise FileNotFoundError(
         f'COCO annotation file {annotation_file!r} does not exist')
+  with open(annotation_file) as f:
+    data = json.load(f)
+  for annotation in data.get('annotations', []):
+    if 'area' not in annotation and 'bbox' in annotation:
+      annotation['area'] = annotation['bbox'][2] * annotation['bbox'][3]
+  ground_truth = COCO()
+  ground_truth.dataset = data
   with contextlib.redirect_stdout(io.StringIO()):
-    return COCO(annotation_file)
+    ground_truth.createIndex()
+  return ground_truth
 
 
 def has_keypoint_annotations(annotation_file: str) -> bool:
@@ -181,13 +194,15 @@ def zero_metrics() -> dict[str, float]:
 
 
 def coco_keypoint_eval(ground_truth, results: Sequence[Mapping[str, Any]],
-                       verbose: bool = True) -> dict[str, float]:
+                       verbose: bool = True,
+                       sigmas: Sequence[float] | None = None) -> dict[str, float]:
   """pycocotools keypoint COCOeval of results against the ground truth.
 
   Args:
     ground_truth: annotation json path or a pycocotools COCO object.
     results: COCO results-format entries.
     verbose: print pycocotools' summary table.
+    sigmas: per-joint OKS sigmas; None: pycocotools' COCO ones.
 
   Returns:
     Dict with keys STAT_NAMES; all zeros (with a warning) when there are no
@@ -209,6 +224,8 @@ def coco_keypoint_eval(ground_truth, results: Sequence[Mapping[str, Any]],
     dt = ground_truth.loadRes([dict(r) for r in results])
     coco_eval = COCOeval(ground_truth, dt, 'keypoints')
     coco_eval.params.useSegm = None
+    if sigmas is not None:
+      coco_eval.params.kpt_oks_sigmas = np.asarray(sigmas, np.float64)
     coco_eval.evaluate()
     coco_eval.accumulate()
     coco_eval.summarize()
@@ -232,7 +249,9 @@ def evaluate(predictions: Sequence[Mapping[str, Any]], annotation_file: str,
              results_file: str | None = None, *, in_vis_thre: float = 0.2,
              oks_thre: float = 0.9, soft_nms: bool = False,
              score_results: bool | None = None,
-             verbose: bool = True) -> dict[str, float] | None:
+             verbose: bool = True,
+             sigmas: Sequence[float] | None = None,
+             category_id: int = 1) -> dict[str, float] | None:
   """Rescoring, OKS-NMS, results json and COCOeval, as COCODataset.evaluate.
 
   Args:
@@ -246,6 +265,8 @@ def evaluate(predictions: Sequence[Mapping[str, Any]], annotation_file: str,
     score_results: run COCOeval; None decides from the annotation file (no
       keypoint annotations, as test-dev: results only).
     verbose: print the tables.
+    sigmas: per-joint OKS sigmas of NMS and COCOeval; None: COCO's.
+    category_id: the person category of the annotation file.
 
   Returns:
     The metrics dict, or None when nothing was scored (test-dev).
@@ -254,8 +275,8 @@ def evaluate(predictions: Sequence[Mapping[str, Any]], annotation_file: str,
     raise FileNotFoundError(
         f'COCO annotation file {annotation_file!r} does not exist')
   kept = rescore_and_nms(predictions, in_vis_thre=in_vis_thre,
-                         oks_thre=oks_thre, soft_nms=soft_nms)
-  results = coco_results(kept)
+                         oks_thre=oks_thre, soft_nms=soft_nms, sigmas=sigmas)
+  results = coco_results(kept, category_id)
   if results_file:
     write_results(results, results_file)
     logger.info('wrote %d keypoint results to %s', len(results), results_file)
@@ -265,7 +286,7 @@ def evaluate(predictions: Sequence[Mapping[str, Any]], annotation_file: str,
     logger.info('%s has no keypoint annotations: results written, not scored',
                 annotation_file)
     return None
-  metrics = coco_keypoint_eval(annotation_file, results, verbose=verbose)
+  metrics = coco_keypoint_eval(annotation_file, results, verbose=verbose, sigmas=sigmas)
   if verbose:
     print(format_table(metrics))
   return metrics

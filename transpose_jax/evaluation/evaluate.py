@@ -80,10 +80,16 @@ def check_split(config, split) -> None:
   """Fails fast on inputs the evaluation could not score.
 
   COCO: every box's image id must be in the annotation file (a detection
-  file of another split). MPII: the gt .mat must exist (except for test).
+  file of another split), and the joints need OKS sigmas. MPII: the gt .mat must exist (except for test).
   """
   if split.name == 'coco':
     _check_image_ids(split)
+    joint_set = split.keypoint_set
+    if joint_set is not None and joint_set.sigmas is None:
+      raise ValueError(
+          f'{split.annotation_file}: no OKS sigmas are known for the joints '
+          f'{", ".join(joint_set.names)}: give one per joint with '
+          '--config.data.oks_sigmas="(0.079, ...)" (or a "sigmas" list in the category)')
   elif split.name == 'mpii':
     if 'test' not in config.data.val_split:
       gt_file = mpii_gt_file(config)
@@ -212,7 +218,9 @@ def _evaluate_coco(config, split, out, workdir) -> dict[str, float] | None:
   metrics = coco_metrics.evaluate(
       predictions, split.annotation_file, results_file,
       in_vis_thre=config.data.in_vis_thre, oks_thre=config.data.oks_thre,
-      soft_nms=config.data.soft_nms, verbose=jax.process_index() == 0)
+      soft_nms=config.data.soft_nms, verbose=jax.process_index() == 0,
+      sigmas=split.keypoint_set.sigmas if split.keypoint_set else None,
+      category_id=split.category_id)
   return metrics
 
 

@@ -38,6 +38,7 @@ from transpose_jax.evaluation import coco_metrics
 from transpose_jax.evaluation import decode
 from transpose_jax.evaluation import forward
 from transpose_jax.inference import visualize
+from transpose_jax.input_pipeline import datasets
 from transpose_jax.input_pipeline import images as images_lib
 from transpose_jax.input_pipeline import transforms
 
@@ -261,11 +262,12 @@ def _infer(model, config, crops: list[np.ndarray], centers, scales
   k = int(config.model.num_joints)
   if not crops:
     return np.zeros((0, k, 3), np.float32)
+  joint_set = datasets.keypoint_set(config)
   out = []
   for start in range(0, len(crops), _CHUNK):
     batch = np.stack(crops[start:start + _CHUNK])
     heatmaps = forward.predict_heatmaps(
-        model, batch, flip_test=config.eval.flip_test,
+        model, batch, flip_test=config.eval.flip_test, flip_pairs=joint_set.flip_pairs,
         shift_heatmap=config.eval.shift_heatmap,
         batch_size=min(len(batch), int(config.eval.batch_size)))
     preds, maxvals = decode.decode_heatmaps(
@@ -358,8 +360,9 @@ def pose_array(person: Mapping[str, Any]) -> np.ndarray:
 
 def draw_persons(image: np.ndarray, persons: Sequence[Mapping[str, Any]], *,
                  kpt_threshold: float = 0.2,
-                 draw_boxes: bool = True) -> np.ndarray:
-  """The image with every person's skeleton (and its box) drawn."""
+                 draw_boxes: bool = True, joint_set=None) -> np.ndarray:
+  """The image with every person's skeleton (and its box) drawn (`joint_set`:
+  whose limbs; default COCO / MPII by joint count)."""
   canvas = np.asarray(image).copy()
   width = max(1, int(round(min(canvas.shape[:2]) / 300)))
   for person in persons:
@@ -369,7 +372,7 @@ def draw_persons(image: np.ndarray, persons: Sequence[Mapping[str, Any]], *,
                     (int(round(x + w)), int(round(y + h))), (255, 255, 255),
                     width, cv2.LINE_AA)
   return visualize.draw_poses(canvas, [pose_array(p) for p in persons],
-                              threshold=kpt_threshold)
+                              threshold=kpt_threshold, joint_set=joint_set)
 
 
 def save_skeleton_picture(model, config, image_path: str | os.PathLike,
@@ -396,8 +399,8 @@ def save_skeleton_picture(model, config, image_path: str | os.PathLike,
                           image_id=image_id_of(image_path))
   threshold = (float(config.data.in_vis_thre) if kpt_threshold is None
                else kpt_threshold)
-  visualize.save_image(output_path, draw_persons(image, persons,
-                                                 kpt_threshold=threshold))
+  visualize.save_image(output_path, draw_persons(
+      image, persons, kpt_threshold=threshold, joint_set=datasets.keypoint_set(config)))
   return persons
 
 
@@ -450,6 +453,7 @@ def predict_path(model, config, image_path: str | os.PathLike,
   keep = [i for i in range(len(files)) if boxes[i] is None or boxes[i]]
   threshold = (float(config.data.in_vis_thre) if kpt_threshold is None
                else kpt_threshold)
+  joint_set = datasets.keypoint_set(config)
   os.makedirs(output_dir, exist_ok=True)
   results, written_images = [], []
   pictures = pose_picture_names(files)
@@ -471,7 +475,8 @@ def predict_path(model, config, image_path: str | os.PathLike,
                              [where[i] for i in group])
     for i, image, found in zip(group, images, persons):
       picture = os.path.join(output_dir, pictures[i])
-      visualize.save_image(picture, draw_persons(image, found, kpt_threshold=threshold))
+      visualize.save_image(picture, draw_persons(image, found, kpt_threshold=threshold,
+                                                 joint_set=joint_set))
       results.extend(results_entry(p) for p in found)
       written_images.append({'id': image_ids[i], 'file_name': os.path.abspath(files[i]),
                              'height': image.shape[0], 'width': image.shape[1],

@@ -32,18 +32,21 @@ _FONT = cv2.FONT_HERSHEY_SIMPLEX
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp')
 
 
-def keypoint_names(num_joints: int) -> tuple[str, ...]:
-  """Short joint labels ('l_eye') of the COCO (17) or MPII (16) joints; 'kpt i'
-  for other layouts."""
-  joint_set = keypoints.for_num_joints(num_joints)
+def keypoint_names(num_joints: int,
+                   joint_set: keypoints.KeypointSet | None = None) -> tuple[str, ...]:
+  """Short joint labels ('l_eye') of `joint_set`, else of the COCO (17) or
+  MPII (16) joints; 'kpt i' for other layouts."""
+  joint_set = joint_set or keypoints.for_num_joints(num_joints)
   if joint_set is None:
     return tuple(f'kpt {i}' for i in range(num_joints))
   return tuple(n.replace('left_', 'l_').replace('right_', 'r_') for n in joint_set.names)
 
 
-def skeleton(num_joints: int) -> tuple[tuple[int, int, tuple[int, int, int]], ...]:
-  """The limbs drawn for a joint layout, (a, b, RGB colour); none for unknown layouts."""
-  joint_set = keypoints.for_num_joints(num_joints)
+def skeleton(num_joints: int, joint_set: keypoints.KeypointSet | None = None
+             ) -> tuple[tuple[int, int, tuple[int, int, int]], ...]:
+  """The limbs drawn for `joint_set` (else the COCO / MPII layout with that
+  many joints), (a, b, RGB colour); none for unknown layouts."""
+  joint_set = joint_set or keypoints.for_num_joints(num_joints)
   if joint_set is None:
     return ()
   return tuple((a, b, PART_COLOURS[part]) for a, b, part in joint_set.limbs)
@@ -69,7 +72,8 @@ def _line_width(image: np.ndarray) -> int:
 
 def draw_pose(image: np.ndarray, keypoints: np.ndarray,
               scores: np.ndarray | None = None, *, threshold: float = 0.0,
-              thickness: int | None = None) -> np.ndarray:
+              thickness: int | None = None,
+              joint_set: keypoints.KeypointSet | None = None) -> np.ndarray:
   """Draws one person's skeleton: coloured limbs, then the joints.
 
   Args:
@@ -79,6 +83,7 @@ def draw_pose(image: np.ndarray, keypoints: np.ndarray,
     threshold: joints scoring below it, and limbs touching them, are not
       drawn.
     thickness: limb width in pixels (default: from the image size).
+    joint_set: whose limbs to draw (default: COCO / MPII by joint count).
 
   Returns:
     A new RGB uint8 image.
@@ -96,7 +101,7 @@ def draw_pose(image: np.ndarray, keypoints: np.ndarray,
   # Sub-pixel drawing: cv2 takes fixed-point coordinates with `shift` bits.
   shift = 4
   points = np.round(keypoints[:, :2] * (1 << shift)).astype(np.int64)
-  for a, b, colour in skeleton(k):
+  for a, b, colour in skeleton(k, joint_set):
     if shown[a] and shown[b]:
       cv2.line(canvas, tuple(map(int, points[a])), tuple(map(int, points[b])),
                colour, width + 1, cv2.LINE_AA, shift)
@@ -110,11 +115,12 @@ def draw_pose(image: np.ndarray, keypoints: np.ndarray,
 
 
 def draw_poses(image: np.ndarray, poses: Sequence[np.ndarray], *,
-               threshold: float = 0.0) -> np.ndarray:
+               threshold: float = 0.0,
+               joint_set: keypoints.KeypointSet | None = None) -> np.ndarray:
   """`draw_pose` for several persons; each pose is [K, 3] (x, y, score)."""
   canvas = _check_rgb(image)
   for pose in poses:
-    canvas = draw_pose(canvas, pose, threshold=threshold)
+    canvas = draw_pose(canvas, pose, threshold=threshold, joint_set=joint_set)
   return canvas.copy()
 
 
