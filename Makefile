@@ -9,6 +9,11 @@ SHARED ?= $(abspath ../shared)
 TCMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4))
 RUN := env $(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC)) TRANSPOSE_SHARED=$(SHARED) PYTHONUNBUFFERED=1
 PYTEST_ARGS ?=
+# The suite checks bit-level parity with the official float32 CPU code, so it
+# runs on JAX's CPU backend on any host (GPU and TPU hosts too);
+# `make test-device` runs the tests that hold on any backend on the host's
+# accelerator.
+TEST_ENV := env JAX_PLATFORMS=cpu
 JPEG_ROI := input_pipeline/_jpeg_roi.so
 # A checkout of yangsenius/TransPose: `make bench OFFICIAL=DIR` times the
 # official training step and data pipeline beside ours (needs yacs);
@@ -29,7 +34,7 @@ endif
 STAMP := $(VENV)/.installed-$(ACCEL)
 endif
 
-.PHONY: install test test-slow test-all demo bench clean
+.PHONY: install test test-slow test-all test-device demo bench clean
 
 install: $(STAMP) $(JPEG_ROI)
 
@@ -53,13 +58,16 @@ $(JPEG_ROI): input_pipeline/_jpeg_roi.c
 # The default suite (< 20 minutes on 2 cores: tests/unit, tests/parity,
 # tests/integration); slow tests have their own target.
 test: install
-	$(RUN) $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+	$(RUN) $(TEST_ENV) $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
 
 test-slow: install
-	$(RUN) $(PY) -m pytest -q -m slow $(PYTEST_ARGS) tests
+	$(RUN) $(TEST_ENV) $(PY) -m pytest -q -m slow $(PYTEST_ARGS) tests
+
+test-device: install
+	$(RUN) env -u JAX_PLATFORMS $(PY) -m pytest -q -m "not slow and not cpu_only" $(PYTEST_ARGS) tests
 
 test-all: install
-	$(RUN) $(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(RUN) $(TEST_ENV) $(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 demo: install
 	$(RUN) $(PY) -m transpose_jax.demo

@@ -16,6 +16,8 @@
  *    0  success,
  *    1  not handled here (colour space, missing Huffman tables, any libjpeg
  *       warning, ...): the caller must fall back to a full decode,
+ *    2  (jroi_check only) the data is corrupt: libjpeg warned, its first
+ *       warning is written to `msg`,
  *   -1  libjpeg error; its message is written to `msg`.
  * libjpeg errors never exit the process (setjmp/longjmp error manager).
  *
@@ -31,10 +33,11 @@
 
 #define JROI_OK 0
 #define JROI_UNSUPPORTED 1
+#define JROI_CORRUPT 2
 #define JROI_ERROR (-1)
 
 /* Bumped whenever the ABI below changes; checked by the Python wrapper. */
-int jroi_abi_version(void) { return 2; }
+int jroi_abi_version(void) { return 3; }
 
 int jroi_lib_version(void) { return JPEG_LIB_VERSION; }
 
@@ -42,6 +45,7 @@ struct roi_error_mgr {
   struct jpeg_error_mgr pub;
   jmp_buf jump;
   int warnings;
+  char first_warning[JMSG_LENGTH_MAX];
 };
 
 static void roi_error_exit(j_common_ptr cinfo) {
@@ -51,7 +55,10 @@ static void roi_error_exit(j_common_ptr cinfo) {
 
 static void roi_emit_message(j_common_ptr cinfo, int msg_level) {
   struct roi_error_mgr *err = (struct roi_error_mgr *)cinfo->err;
-  if (msg_level < 0) err->warnings++;  /* corrupt-data warning: counted only */
+  if (msg_level < 0) {  /* corrupt-data warning: counted, the first kept */
+    if (err->warnings == 0) cinfo->err->format_message(cinfo, err->first_warning);
+    err->warnings++;
+  }
 }
 
 static void roi_output_message(j_common_ptr cinfo) { (void)cinfo; }
@@ -78,6 +85,7 @@ static void init_errors(struct jpeg_decompress_struct *cinfo,
   err->pub.emit_message = roi_emit_message;
   err->pub.output_message = roi_output_message;
   err->warnings = 0;
+  err->first_warning[0] = '\0';
 }
 
 /* What the fast path accepts after jpeg_read_header: 8-bit YCbCr (3
@@ -207,4 +215,39 @@ int jroi_decode(const unsigned char *data, unsigned long size, int width,
 done:
   jpeg_destroy_decompress(&cinfo);
   return result;
+}
+
+/* Reads the whole stream's coefficients (entropy decoding, no IDCT): what
+ * tells a complete but corrupt JPEG ("Corrupt JPEG data: bad Huffman code",
+ * "premature end of data segment", ...) from a clean one, which a full
+ * decoder such as OpenCV's only prints to stderr. Any colour space. Damaged
+ * data often makes libjpeg warn and then fail on a marker it cannot read,
+ * after a full decoder has already produced every row: a warning before an
+ * error is corruption too; an error alone is left to the decoder. */
+int jroi_check(const unsigned char *data, unsigned long size, char *msg,
+               int msg_len) {
+  struct jpeg_decompress_struct cinfo;
+  struct roi_error_mgr err;
+
+  init_errors(&cinfo, &err);
+  jpeg_create_decompress(&cinfo);
+  if (setjmp(err.jump)) {
+    int corrupt = err.warnings > 0;
+    if (corrupt)
+      set_message(msg, msg_len, err.first_warning);
+    else
+      copy_message((j_common_ptr)&cinfo, msg, msg_len);
+    jpeg_destroy_decompress(&cinfo);
+    return corrupt ? JROI_CORRUPT : JROI_ERROR;
+  }
+  jpeg_mem_src(&cinfo, data, size);
+  jpeg_read_header(&cinfo, TRUE);
+  jpeg_read_coefficients(&cinfo);
+  jpeg_abort_decompress(&cinfo);
+  jpeg_destroy_decompress(&cinfo);
+  if (err.warnings) {
+    set_message(msg, msg_len, err.first_warning);
+    return JROI_CORRUPT;
+  }
+  return JROI_OK;
 }

@@ -3,8 +3,9 @@
 The one place that turns image files or encoded bytes into RGB uint8 arrays
 (training, evaluation, the TFDS builders and `predict` all read through it),
 and that counts and reports samples that cannot be used: an image that is
-missing, unreadable, truncated or undecodable (`BadImageError`), or a person
-box that cannot be cropped (`BadSampleError`).
+missing, unreadable, truncated, undecodable or (`check_jpeg_data`) holding
+corrupt JPEG data (`BadImageError`), or a person box that cannot be cropped
+(`BadSampleError`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import logging
 
 import cv2
 import numpy as np
+
+from transpose_jax.input_pipeline import jpeg_roi
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +61,26 @@ def check_encoded(data: bytes, name: str) -> None:
     raise BadImageError(f'image {name!r} is empty')
   if _looks_truncated(data):
     raise BadImageError(f'image {name!r} is truncated (no end marker)')
+
+
+# Images this process found clean (name -> True) or corrupt (name -> libjpeg's
+# message): the check costs most of a decode, and training meets every image
+# once per epoch and evaluation once per person in it.
+_jpeg_checked: dict[str, str | None] = {}
+
+
+def check_jpeg_data(data: bytes, name: str) -> None:
+  """Raises BadImageError for a complete JPEG whose data is corrupt (libjpeg
+  warns, e.g. "bad Huffman code"): decoders fill the damage with grey or
+  smeared blocks and go on, so the image would be used as if it were fine.
+  Without the libjpeg library (`jpeg_roi`) nothing is checked (logged once)."""
+  if name in _jpeg_checked:
+    problem = _jpeg_checked[name]
+  else:
+    problem = _jpeg_checked[name] = jpeg_roi.corruption(data)
+  if problem is not None:
+    raise BadImageError(f'image {name!r} has corrupt JPEG data ({problem}); '
+                        'data.allow_corrupt_images=True uses such images as decoded')
 
 
 def decode_image(data: bytes, name: str) -> np.ndarray:

@@ -29,6 +29,9 @@ The shared library is built by `make install`; when it is missing this module
 builds it on first use (gcc + libjpeg headers) next to the source, or in
 ~/.cache/transpose-jax when the package folder is read-only. Without a
 compiler or the headers the pipeline falls back to full decodes (logged once).
+
+The same library tells corrupt JPEG data (`corruption`): libjpeg's warnings,
+which a full decoder such as OpenCV's prints to stderr and otherwise ignores.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ logger = logging.getLogger(__name__)
 # few px are needed (chroma upsampling reaches 1 chroma sample = 2 px; the
 # tests pass with none), the rest is safety.
 MARGIN = 16
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 _SOURCE = pathlib.Path(__file__).with_name('_jpeg_roi.c')
 _LIBRARY = pathlib.Path(__file__).with_name('_jpeg_roi.so')
 _MSG_LEN = 200
@@ -122,6 +125,8 @@ def _open(path: pathlib.Path) -> ctypes.CDLL | None:
       ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int,
       ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
       ctypes.c_void_p, ctypes.c_long, ctypes.c_char_p, ctypes.c_int]
+  lib.jroi_check.restype = ctypes.c_int
+  lib.jroi_check.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_int]
   return lib
 
 
@@ -258,9 +263,56 @@ def unavailable_reason() -> str | None:
 
 
 def _reset_for_tests() -> None:
-  global _lib, _loaded, _disabled_reason
+  global _lib, _loaded, _disabled_reason, _checker, _checker_loaded
   with _lock:
     _lib, _loaded, _disabled_reason = None, False, None
+    _checker, _checker_loaded = None, False
+
+
+# ------------------------------------------------------- corrupt-data check
+
+_checker: ctypes.CDLL | None = None
+_checker_loaded = False
+
+
+def _checker_library() -> ctypes.CDLL | None:
+  """The library for `corruption`: needed whether or not region decoding is
+  on (TRANSPOSE_JPEG_ROI=0 turns off only the decoding); None without a
+  build (logged once)."""
+  global _checker, _checker_loaded
+  if _checker_loaded:
+    return _checker
+  with _lock:
+    if not _checker_loaded:
+      lib, reason = _find_or_build()
+      if lib is None:
+        logger.warning('corrupt JPEG data cannot be detected (%s): such images are used as '
+                       'libjpeg decodes them', reason)
+      _checker, _checker_loaded = lib, True
+  return _checker
+
+
+def checks_corruption() -> bool:
+  """Whether `corruption` can tell corrupt JPEG data (the library is built)."""
+  return _checker_library() is not None
+
+
+def corruption(data: bytes) -> str | None:
+  """libjpeg's first warning for a JPEG whose entropy-coded data is corrupt
+  (a complete file that decodes with grey or smeared blocks, e.g. "Corrupt
+  JPEG data: bad Huffman code"); None for clean data, non-JPEG data, or when
+  the library is not built. Reads the coefficients only (no IDCT)."""
+  if data[:2] != b'\xff\xd8':
+    return None
+  lib = _checker_library()
+  if lib is None:
+    return None
+  msg = ctypes.create_string_buffer(_MSG_LEN)
+  rc = lib.jroi_check(data, len(data), msg, _MSG_LEN)
+  if rc == 2:
+    return msg.value.decode(errors='replace') or 'corrupt JPEG data'
+  # Clean, or a libjpeg error: then the decoder reports the image as undecodable.
+  return None
 
 
 # ------------------------------------------------------------- decoding

@@ -26,6 +26,8 @@ Batch layout (numpy, one dict per step and process):
                                         output); the official layout is
                                         [b, K, h, w].
   'target_weight' float32 [b, K]        official [b, K, 1] without the 1.
+  'bad_samples'   int32   [b]           bad records each sample replaced (host
+                                        side only: the loop counts them).
 
 Checkpointing: `iter(loader)` is a grain `DatasetIterator`; its
 `get_state()` is a JSON-serialisable dict and `set_state()` restores it. With
@@ -44,7 +46,8 @@ orbax, register grain's handler and save it beside the model::
 to the number of workers; the training loop saves none and resumes with
 `loader.batches_from(step)`, which does not depend on it.
 
-Bad samples: an image that is missing, unreadable or truncated is counted
+Bad samples: an image that is missing, unreadable, truncated or holds corrupt
+JPEG data (unless `config.data.allow_corrupt_images`) is counted
 (`images.bad_sample_count()`, per process) and reported in a warning naming
 the file. In training it is REPLACED deterministically by the next record
 ((index + 1) mod N, then + 2, ... up to 16 tries) with the same random draws,
@@ -103,22 +106,25 @@ class EncodedJpeg:
     self.data, self.name, self.width, self.height = data, name, width, height
 
 
-def load_source(table, i: int) -> np.ndarray | EncodedJpeg:
+def load_source(table, i: int, *, allow_corrupt: bool = False) -> np.ndarray | EncodedJpeg:
   """Image i of a record table: an EncodedJpeg when region decoding applies
   (the table has `image_data` and the JPEG is one jpeg_roi handles), else the
   decoded RGB image.
 
   Raises:
-    images.BadImageError: unreadable, empty, truncated or undecodable image.
+    images.BadImageError: unreadable, empty, truncated or undecodable image,
+      or (unless `allow_corrupt`) a JPEG with corrupt data.
   """
   image_data = getattr(table, 'image_data', None)
-  if image_data is None or not jpeg_roi.available():
+  if image_data is None:
     return table.image(i)
   data, name = image_data(i)
   if not isinstance(data, bytes):
     data = bytes(data)
   images.check_encoded(data, name)
-  size = jpeg_roi.header(data)
+  if not allow_corrupt:
+    images.check_jpeg_data(data, name)
+  size = jpeg_roi.header(data) if jpeg_roi.available() else None
   if size is None:  # not a JPEG, or one the fast path leaves to cv2
     return images.decode_image(data, name)
   return EncodedJpeg(data, name, *size)
@@ -358,14 +364,16 @@ def heatmap_joints(joints: np.ndarray, joints_vis: np.ndarray, center, scale,
 class TrainSample:
   """grain random map: record index -> augmented crop + heatmap joints."""
 
-  def __init__(self, table, spec: CropSpec, fail_on_bad_sample: bool):
+  def __init__(self, table, spec: CropSpec, fail_on_bad_sample: bool, *,
+               allow_corrupt: bool = False):
     self.table = table
     self.spec = spec
     self.fail = fail_on_bad_sample
+    self.allow_corrupt = allow_corrupt
 
   def _sample(self, i: int, rng) -> dict[str, np.ndarray]:
     record = self.table.record(i)
-    source = load_source(self.table, i)
+    source = load_source(self.table, i, allow_corrupt=self.allow_corrupt)
     width = (source.width if isinstance(source, EncodedJpeg)
              else source.shape[1])
     center, scale, rot, flipped, joints, joints_vis = augment(
@@ -387,7 +395,11 @@ class TrainSample:
     state = _rng_state(rng)
     for k in range(_MAX_REPLACEMENTS + 1):
       try:
-        return self._sample((index + k) % n, rng)
+        sample = self._sample((index + k) % n, rng)
+        # How many bad records this sample stands in for: the training loop
+        # counts them (worker processes cannot report to it otherwise).
+        sample['bad_samples'] = np.int32(k)
+        return sample
       except images.BadImageError as e:
         images.report_bad_sample(e, self.fail)
         # The replacement gets the same random draws.
@@ -407,7 +419,8 @@ class AddTargets:
     target, weight = targets_lib.generate_targets(
         batch['joints'], batch['joints_vis'], self.spec.heatmap_wh,
         self.spec.sigma, channels_last=True)
-    return dict(image=batch['image'], target=target, target_weight=weight)
+    return dict(image=batch['image'], target=target, target_weight=weight,
+                bad_samples=batch['bad_samples'])
 
 
 def _check_process(process_index: int, process_count: int) -> None:
@@ -527,7 +540,8 @@ def make_train_loader(config, *, process_index: int, process_count: int,
   spec = crop_spec(config, split)
   table = _make_table(split)
   ds = train_indices(len(table), int(config.seed)).random_map(
-      TrainSample(table, spec, bool(config.data.fail_on_bad_sample)))
+      TrainSample(table, spec, bool(config.data.fail_on_bad_sample),
+                  allow_corrupt=bool(config.data.allow_corrupt_images)))
   return TrainLoader(elements=ds[process_index::process_count], split=split,
                      local_batch_size=local_batch,
                      steps_per_epoch=len(table) // config.batch_size, config=config,
@@ -541,11 +555,12 @@ class EvalSample:
   """grain map: padded position -> test-mode crop of record (or padding)."""
 
   def __init__(self, table, spec: CropSpec, offset: int,
-               fail_on_bad_sample: bool):
+               fail_on_bad_sample: bool, *, allow_corrupt: bool = False):
     self.table = table
     self.spec = spec
     self.offset = offset
     self.fail = fail_on_bad_sample
+    self.allow_corrupt = allow_corrupt
 
   def __call__(self, position) -> dict[str, np.ndarray]:
     index = self.offset + int(position)
@@ -563,8 +578,8 @@ class EvalSample:
                score=np.float32(record['score']),
                image_id=np.int64(record['image_id']))
     try:
-      out['image'] = crop(load_source(self.table, index), record['center'],
-                          record['scale'], 0, False, self.spec)
+      source = load_source(self.table, index, allow_corrupt=self.allow_corrupt)
+      out['image'] = crop(source, record['center'], record['scale'], 0, False, self.spec)
     except images.BadImageError as e:
       images.report_bad_sample(e, self.fail)
       return out
@@ -623,7 +638,8 @@ def make_eval_loader(config, split_data: datasets.KeypointSplit, *,
   offset, per_process, num_batches = eval_positions(
       len(table), batch_size, process_index, process_count)
   ds = grain.MapDataset.range(per_process).map(
-      EvalSample(table, spec, offset, bool(config.data.fail_on_bad_sample)))
+      EvalSample(table, spec, offset, bool(config.data.fail_on_bad_sample),
+                 allow_corrupt=bool(config.data.allow_corrupt_images)))
   it = _prefetch(ds.to_iter_dataset(_read_options(config)), config)
   it = it.batch(batch_size, drop_remainder=False)
   return EvalLoader(dataset=it, num_batches=num_batches,

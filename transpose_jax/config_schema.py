@@ -112,6 +112,8 @@ def defaults() -> ml_collections.ConfigDict:
   d.num_workers = 2               # grain worker processes per host (0: in-process)
   d.prefetch_buffer_size = 2
   d.fail_on_bad_sample = False    # True: a corrupt image or impossible box stops the run
+  d.allow_corrupt_images = False  # True: JPEGs with corrupt data (libjpeg warnings) are used
+                                  # as decoded instead of skipped as bad samples
   d.synthetic = False             # True: train.py generates (once, cached) the synthetic
                                   # COCO set (input_pipeline.synthetic, seed config.seed) at
                                   # data.root ('': synthetic.default_cache_dir())

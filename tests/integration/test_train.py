@@ -241,6 +241,46 @@ def test_resume_of_a_checkpoint_holding_grain_iterator_state(trained, tmp_path):
                              [first.losses[s] for s in (4, 5, 6)], rtol=1e-6)
 
 
+def _tensorboard_scalars(workdir, tag: str) -> dict[int, float]:
+  """{step: value} of one scalar in the run's event files (TFRecord framing:
+  length, its CRC, the Event proto, its CRC)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  values = {}
+  for path in sorted((pathlib.Path(workdir) / 'tensorboard').glob('events.out.tfevents.*')):
+    data = path.read_bytes()
+    at = 0
+    while at + 12 <= len(data):
+      length = int.from_bytes(data[at:at + 8], 'little')
+      event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+      at += 12 + length + 4
+      for value in event.summary.value:
+        if value.tag == tag:
+          values[event.step] = value.simple_value
+  return values
+
+
+def test_bad_images_are_counted_in_the_log_and_tensorboard(tiny_data, tmp_path, capsys):
+  """A missing and a corrupt training image, read by 2 worker processes:
+  their records are replaced, and the run says how many in its log and in
+  TensorBoard (train/bad_samples)."""
+  root = tmp_path / 'coco'
+  shutil.copytree(tiny_data, root)
+  images = sorted((root / 'images' / 'train2017').glob('*.jpg'))
+  images[0].unlink()
+  data = bytearray(images[1].read_bytes())
+  start = data.index(b'\xff\xda') + 20
+  for k in range(start, start + 200, 7):
+    data[k] = 0xFF if data[k] != 0xFF else 0x00
+  images[1].write_bytes(bytes(data))
+  config = _config(str(root), num_train_steps=4, **{'data.num_workers': 2})
+  trainer.train(config, tmp_path / 'run')
+  counts = _tensorboard_scalars(tmp_path / 'run', 'train/bad_samples')
+  assert sorted(counts) == [1, 2, 3, 4]
+  assert counts[4] > 0 and all(counts[s] <= counts[s + 1] for s in (1, 2, 3))
+  printed = capsys.readouterr()
+  assert 'bad sample(s) replaced by the next record' in printed.out + printed.err
+
+
 @pytest.mark.parametrize('override, named', [
     ({'batch_size': 4}, 'config.batch_size: checkpoint 8 vs now 4'),
     ({'seed': 1}, 'config.seed: checkpoint 0 vs now 1'),

@@ -262,8 +262,37 @@ def test_unreadable_images_are_named_after_the_table(model, coco_root, tmp_path,
   printed = capsys.readouterr().out
   table_end = printed.index('| TransPose')
   named = printed[table_end:]
-  assert f'3 image(s) could not be read; their {persons} person(s) count as misses' in named
+  assert f'3 image(s) missing, unreadable or corrupt; their {persons} person(s) count as misses' in named
   assert all(name in named for name in broken)
   written = json.loads((tmp_path / 'out' / 'metrics.json').read_text())
   assert sorted(map(os.path.basename, written['skipped_images'])) == sorted(broken)
   assert written['skipped_persons'] == persons and written['AP'] == metrics['AP']
+
+
+def test_corrupt_jpeg_is_named_unless_allowed(model, coco_root, tmp_path, capsys):
+  """A complete JPEG with corrupt data (cv2 decodes it with a stderr line
+  only) is a skipped image, named after the table; allow_corrupt_images uses it."""
+  from tests.parity.test_jpeg_roi import _corrupt_entropy_data  # pylint: disable=g-import-not-at-top
+  from transpose_jax.input_pipeline import jpeg_roi  # pylint: disable=g-import-not-at-top
+  if not jpeg_roi.checks_corruption():
+    if os.environ.get('CI'):
+      pytest.fail('the libjpeg library (input_pipeline/_jpeg_roi.so) is not built')
+    pytest.skip('the libjpeg library (input_pipeline/_jpeg_roi.so) is not built')
+  root = tmp_path / 'coco'
+  shutil.copytree(coco_root, root, symlinks=True)
+  image = root / 'images' / 'val2017' / '000000197388.jpg'
+  data = _corrupt_entropy_data(image.read_bytes())
+  image.unlink()
+  image.write_bytes(data)
+  config = _config(root)
+  split = splits.build_split(config, train=False)
+  persons = sum(r['image_path'] == str(image) for r in split.records)
+  evaluate.evaluate(model, config, split, workdir=tmp_path / 'strict')
+  printed = capsys.readouterr().out
+  assert f'1 image(s) missing, unreadable or corrupt; their {persons} person(s)' in printed
+  written = json.loads((tmp_path / 'strict' / 'metrics.json').read_text())
+  assert written['skipped_images'] == [str(image)]
+  config.data.allow_corrupt_images = True
+  evaluate.evaluate(model, config, split, workdir=tmp_path / 'allowed')
+  written = json.loads((tmp_path / 'allowed' / 'metrics.json').read_text())
+  assert written['skipped_images'] == [] and written['skipped_persons'] == 0

@@ -418,11 +418,7 @@ def test_corrupt_entropy_data_falls_back(lib, jpeg_files, count_regions):
   """Corrupt data inside the decoded rows (a libjpeg warning, not an error):
   the region decoder declines and the whole-image decode gives the crop."""
   del lib
-  data = bytearray(jpeg_files[0].read_bytes())
-  start = data.index(b'\xff\xda') + 20
-  for k in range(start, start + 400, 7):
-    data[k] = 0xFF if data[k] != 0xFF else 0x00
-  data = bytes(data)
+  data = _corrupt_entropy_data(jpeg_files[0].read_bytes())
   image = images.decode_image(data, 'corrupt')
   h, w = image.shape[:2]
   spec = pipeline.crop_spec(config_schema.defaults(), _split_stub())
@@ -432,6 +428,51 @@ def test_corrupt_entropy_data_falls_back(lib, jpeg_files, count_regions):
                     scale, 10.0, True, spec),
       pipeline.crop(image, center, scale, 10.0, True, spec))
   assert count_regions['fallback'] == 1
+
+
+def _corrupt_entropy_data(data: bytes) -> bytes:
+  """A complete JPEG whose scan data is damaged: libjpeg warns and decodes."""
+  data = bytearray(data)
+  start = data.index(b'\xff\xda') + 20
+  for k in range(start, start + 400, 7):
+    data[k] = 0xFF if data[k] != 0xFF else 0x00
+  return bytes(data)
+
+
+def test_corrupt_jpeg_data_is_a_bad_image(lib, jpeg_files, data_dir, tmp_path, caplog):
+  """cv2 decodes a corrupt but complete JPEG without a word; the pipeline
+  names it as a bad image (libjpeg's message), unless allow_corrupt."""
+  del lib
+  assert all(jpeg_roi.corruption(f.read_bytes()) is None for f in jpeg_files)
+  folder = _copy_sample(data_dir, tmp_path / 'sample')
+  path = folder / sorted(p.name for p in folder.glob('*.jpg'))[0]
+  data = _corrupt_entropy_data(path.read_bytes())
+  path.write_bytes(data)
+  assert cv2.imdecode(np.frombuffer(data, np.uint8), _FLAGS) is not None
+  assert jpeg_roi.corruption(data).startswith('Corrupt JPEG data')
+  table = _PathTable(str(path))
+  with pytest.raises(images.BadImageError, match=f'{path.name}.*corrupt JPEG data'):
+    pipeline.load_source(table, 0)
+  assert pipeline.load_source(table, 0, allow_corrupt=True) is not None
+
+  # Training replaces the record by the next one (same draws) and counts it.
+  config = config_schema.defaults()
+  split = datasets.load_coco(None, 'x', is_train=True,
+                             annotation_file=str(folder / 'test_coco.json'),
+                             image_dir=str(folder))
+  spec = pipeline.crop_spec(config, split)
+  table = pipeline.RecordTable(split)
+  bad = table.image_paths.index(str(path))
+  sample = pipeline.TrainSample(table, spec, False)
+  before = images.bad_sample_count()
+  with caplog.at_level('WARNING'):
+    got = sample(bad, np.random.default_rng(5))
+  assert images.bad_sample_count() - before == 1 and 'corrupt JPEG data' in caplog.text
+  want = _reference_sample(table, spec, bad + 1, np.random.default_rng(5))
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k])
+  with pytest.raises(images.BadSampleError, match=path.name):
+    pipeline.TrainSample(table, spec, True)(bad, np.random.default_rng(5))
 
 
 @pytest.fixture

@@ -203,3 +203,19 @@ def test_eval_cli_on_crowdpose(crowdpose_root, tmp_path):
   errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
   assert len(errors) == 1 and 'Traceback' not in proc.stderr
   assert 'person_keypoints_val2017.json' in errors[0] and 'num_joints=14' in errors[0]
+
+
+def test_partial_conversion_keeps_all_but_the_final_layer(reference_dir):
+  """A COCO checkpoint converted for 14 joints (--partial): every weight but
+  the final layer's is the checkpoint's; the final layer is new."""
+  from transpose_jax.checkpoints import official  # pylint: disable=g-import-not-at-top
+  from transpose_jax.configs import tp_r_a3  # pylint: disable=g-import-not-at-top
+  config = tp_r_a3.get_config()
+  config.model.num_joints = 14
+  report = []
+  model = official.load_official(reference_dir / 'tp_r_a3' / 'state_dict.pth', config,
+                                 partial=True, report=report)
+  assert model.final_layer.kernel.shape[-1] == 14
+  assert sorted(k for k, _, _ in report[0].mismatched) == ['final_layer.bias',
+                                                          'final_layer.weight']
+  assert not report[0].missing and not report[0].unexpected

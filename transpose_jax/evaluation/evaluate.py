@@ -283,7 +283,7 @@ def evaluate(model: nnx.Module, config, split, *,
   skipped = skipped_images(split, out['unreadable'])
   if jax.process_index() == 0:
     if skipped['skipped_images']:
-      print(f'{len(skipped["skipped_images"])} image(s) could not be read; their '
+      print(f'{len(skipped["skipped_images"])} image(s) missing, unreadable or corrupt; their '
             f'{skipped["skipped_persons"]} person(s) count as misses: '
             + ', '.join(skipped['skipped_images']), flush=True)
     if workdir is not None:

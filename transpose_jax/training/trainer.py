@@ -473,6 +473,27 @@ class TrainingClock:
     return seconds
 
 
+class BadSampleCount:
+  """Bad records the training batches replaced (missing, unreadable or
+  corrupt images), summed over processes when reported."""
+
+  def __init__(self):
+    self._local = 0
+    self._reported = 0
+
+  def add(self, per_sample: np.ndarray) -> None:
+    self._local += int(np.sum(per_sample))
+
+  def report(self) -> tuple[int, int]:
+    """(total so far, new since the last report); a collective when several
+    processes train (every process reports at the same steps)."""
+    total = self._local
+    if jax.process_count() > 1:
+      total = int(np.sum(multihost_utils.process_allgather(np.int64(self._local))))
+    new, self._reported = total - self._reported, total
+    return total, new
+
+
 class _Writer:
   """Process 0's logs: metrics.jsonl, TensorBoard and the progress bar."""
 
@@ -619,6 +640,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   result = TrainResult(step=start, total_steps=num_steps, preempted=False,
                        losses={}, best_ap=best_ap)
   window: list[float] = []
+  bad_samples = BadSampleCount()
   clock = TrainingClock()
   pending = None  # (step, device metrics) of the last dispatched step
 
@@ -639,10 +661,15 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     if pending_step % config.log_every_steps == 0 or pending_step == num_steps:
       rate = len(window) * config.batch_size / max(clock.lap(), 1e-9)
       mean_loss = float(np.mean(window))
+      bad, new_bad = bad_samples.report()
       writer.record(pending_step, {
           'train/loss': mean_loss, 'train/lr': lr,
           'train/grad_norm': grad_norm, 'train/images_per_sec': rate,
+          'train/bad_samples': bad,
       }, {'loss': mean_loss, 'lr': lr})
+      if new_bad:
+        writer.message(f'step {pending_step}: {new_bad} bad sample(s) replaced by the next '
+                       f'record ({bad} in this run; named in the warnings)')
       writer.progress(pending_step, {'loss': f'{mean_loss:.3g}', 'lr': f'{lr:.2e}',
                                      'img/s': f'{rate:.1f}'})
       window.clear()
@@ -653,7 +680,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   try:
     step = start
     while step < num_steps:
-      batch = sharding.global_batch(next(data_iter), mesh)
+      local = next(data_iter)
+      bad_samples.add(local.pop('bad_samples'))
+      batch = sharding.global_batch(local, mesh)
       state, metrics = train_step(state, batch, base_key)
       step += 1
       if pending is not None:
