@@ -434,16 +434,29 @@ def _read_options(config) -> grain.ReadOptions:
       prefetch_buffer_size=max(1, int(config.data.prefetch_buffer_size)) * 8)
 
 
+def num_workers(config) -> int:
+  """The worker processes `config.data.num_workers` asks for; -1: one per
+  core this process may use (its CPU affinity, e.g. a Slurm or container
+  share), less one for the main process, which feeds the devices: a host
+  that feeds an accelerator needs every core it has (samples per core:
+  docs/input_pipeline.md)."""
+  requested = int(config.data.num_workers)
+  if requested >= 0:
+    return requested
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return max(0, (cores or 1) - 1)
+
+
 def _prefetch(ds: grain.IterDataset, config) -> grain.IterDataset:
-  num_workers = int(config.data.num_workers)
-  if num_workers <= 0:
+  workers = num_workers(config)
+  if workers <= 0:
     return ds
   # grain's worker processes read absl flags; outside absl.app (tests,
   # notebooks) they are not parsed yet and grain would fail.
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   return ds.mp_prefetch(grain.MultiprocessingOptions(
-      num_workers=num_workers,
+      num_workers=workers,
       per_worker_buffer_size=max(1, int(config.data.prefetch_buffer_size)) * 8),
                         worker_init_fn=_worker_init)
 

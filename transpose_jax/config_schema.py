@@ -109,7 +109,8 @@ def defaults() -> ml_collections.ConfigDict:
   d.prob_half_body = 0.3
   d.num_joints_half_body = 8
   d.color_rgb = True
-  d.num_workers = 2               # grain worker processes per host (0: in-process)
+  d.num_workers = -1              # grain worker processes per host: -1 one per core this
+                                  # process may use, less one for the main process; 0: in-process
   d.prefetch_buffer_size = 2
   d.fail_on_bad_sample = False    # True: a corrupt image or impossible box stops the run
   d.allow_corrupt_images = False  # True: JPEGs with corrupt data (libjpeg warnings) are used
@@ -253,6 +254,9 @@ def _data_errors(config) -> list[str]:
   errors = []
   if not d.color_rgb:
     errors.append('config.data.color_rgb=False (BGR crops) is not supported.')
+  if d.num_workers < -1:
+    errors.append(f'config.data.num_workers={d.num_workers}: expected -1 (one per core), '
+                  '0 (in-process) or a count.')
   if d.source == 'tfds' and not d.tfds_data_dir:
     errors.append("config.data.source='tfds' needs config.data.tfds_data_dir.")
   if d.synthetic and d.synthetic_palette == 'sides' and (d.flip or config.eval.flip_test):

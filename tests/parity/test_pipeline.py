@@ -324,3 +324,20 @@ def test_worker_processes_give_the_same_batches(coco_train):
   finally:
     restored.close()
   np.testing.assert_array_equal(nxt['image'], inline[2]['image'])
+
+
+def test_default_worker_count_follows_the_cores_this_process_may_use(monkeypatch):
+  """num_workers=-1 (the default): one worker per core of the process's CPU
+  affinity, less the main process; explicit counts are kept."""
+  config = _config()
+  assert config_schema.defaults().data.num_workers == -1
+  config.data.num_workers = -1
+  monkeypatch.setattr(pipeline.os, 'sched_getaffinity', lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+  assert pipeline.num_workers(config) == 7
+  monkeypatch.setattr(pipeline.os, 'sched_getaffinity', lambda pid: {3})
+  assert pipeline.num_workers(config) == 0
+  config.data.num_workers = 5
+  assert pipeline.num_workers(config) == 5
+  config.data.num_workers = -2
+  with pytest.raises(config_schema.ConfigError, match='num_workers=-2'):
+    config_schema.check(config)
