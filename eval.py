@@ -33,7 +33,7 @@ from transpose_jax.evaluation import evaluate
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                               'configs', 'tp_r_a3.py')
 
-_CONFIG = cli.config_flag(DEFAULT_CONFIG, 'Model / data config')
+_CONFIG = cli.config_flag(DEFAULT_CONFIG, 'Model / data config', from_checkpoint=True)
 _CHECKPOINT = cli.checkpoint_flag()
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Output folder for results.json and metrics.json.')

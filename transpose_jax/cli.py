@@ -8,11 +8,14 @@ start with `cli.run(main, ...)`, which
 1. applies the XLA:CPU setting the CPU kernels were measured with
    (`kernels.xla_cpu.configure`) when this process computes on the CPU,
    before JAX starts a backend; importing the library never does;
-2. checks what it can before absl parses the command line, so that a user's
+2. with a --checkpoint and no --config, makes the checkpoint's own config the
+   --config (`checkpoint_config.py`: the variant recognised from an official
+   `.pth`, or saved with a transpose-jax checkpoint);
+3. checks what it can before absl parses the command line, so that a user's
    mistake is one `error:` line naming it: an unknown `--config.x.y` key
    (with the valid keys at that level; ml_collections alone prints a
    traceback), a missing --config or --checkpoint file;
-3. keeps library INFO logs (orbax writes several lines per checkpoint) out of
+4. keeps library INFO logs (orbax writes several lines per checkpoint) out of
    the output unless --verbosity is given, refuses stray arguments, and runs
    `main` with absl; the errors a user can fix (the `errors` given) end the
    process with one `error:` line and exit status 2, never a traceback.
@@ -42,10 +45,20 @@ def config_path(name: str) -> str:
   return os.path.join(os.path.dirname(os.path.abspath(configs.__file__)), f'{name}.py')
 
 
-def config_flag(default_config: str, what: str = 'Config'):
-  """--config: a config file (configs/*.py) whose fields `--config.x.y` overrides."""
-  return config_flags.DEFINE_config_file('config', default_config,
-                                         f'{what} file (configs/*.py).', lock_config=True)
+def config_flag(default_config: str, what: str = 'Config', *, from_checkpoint: bool = False):
+  """--config: a config file (configs/*.py) whose fields `--config.x.y` overrides.
+
+  `from_checkpoint` (tools with --checkpoint): without --config the
+  checkpoint's own config is used (`with_checkpoint_config`). It is put on
+  the command line here, before the flag exists, because ml_collections
+  reads the command line when the flag is defined to decide whether to load
+  the default file.
+  """
+  help_text = f'{what} file (configs/*.py).'
+  if from_checkpoint:
+    sys.argv[1:] = with_checkpoint_config(sys.argv)[1:]
+    help_text += ' Default with --checkpoint: the checkpoint\'s own variant.'
+  return config_flags.DEFINE_config_file('config', default_config, help_text, lock_config=True)
 
 
 def checkpoint_flag():
@@ -94,18 +107,38 @@ def check_config_overrides(argv: Sequence[str], *, default_config: str,
       raise config_schema.ConfigError(f'--{flag}.{key}: {message}')
 
 
+CHECKPOINT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                 'checkpoint_config.py')
+
+
+def with_checkpoint_config(argv: Sequence[str]) -> list[str]:
+  """argv, plus `--config=<checkpoint_config.py>:<checkpoint>` when it has a
+  --checkpoint and no --config: a tool then uses the checkpoint's variant."""
+  argv = list(argv)
+  checkpoint = flag_value(argv, 'checkpoint')
+  if checkpoint and flag_value(argv, 'config') is None:
+    argv.insert(1, f'--config={CHECKPOINT_CONFIG}:{checkpoint}')
+  return argv
+
+
 def check_command_line(argv: Sequence[str], *, default_config: str) -> None:
   """Raises, naming the flag: a --config file that does not exist, a
-  `--config.key` it lacks (ConfigError), a --checkpoint that does not exist."""
-  config = (flag_value(argv, 'config') or default_config).partition(':')[0]
+  --checkpoint that does not exist, a `--config.key` the config lacks
+  (ConfigError), a checkpoint whose config cannot be recognised (ValueError)."""
+  spec = flag_value(argv, 'config') or default_config
+  config = spec.partition(':')[0]
   if not os.path.isfile(config):
     raise FileNotFoundError(f'--config={config}: file not found (pass a config file such '
                             'as configs/tp_r_a3.py)')
-  check_config_overrides(argv, default_config=default_config)
   checkpoint = flag_value(argv, 'checkpoint')
-  if checkpoint and not os.path.exists(checkpoint):
+  missing = checkpoint and not os.path.exists(checkpoint)
+  if _override_keys(argv, 'config') and not (missing and config == CHECKPOINT_CONFIG):
+    check_config_overrides(argv, default_config=default_config)
+  if missing:
     raise FileNotFoundError(f'--checkpoint={checkpoint}: not found (pass an official .pth, '
                             'a converter output directory or a train.py workdir)')
+  if config == CHECKPOINT_CONFIG:
+    config_schema.load_file(spec)  # an unrecognised checkpoint: one line, before absl
 
 
 def run(main: Callable[[list[str]], int | None], *, default_config: str | None = None,
@@ -116,9 +149,10 @@ def run(main: Callable[[list[str]], int | None], *, default_config: str | None =
   argv = list(sys.argv if argv is None else argv)
   xla_cpu.configure()
   if default_config is not None:
+    argv = with_checkpoint_config(argv)
     try:
       check_command_line(argv, default_config=default_config)
-    except (config_schema.ConfigError, FileNotFoundError) as e:
+    except (config_schema.ConfigError, FileNotFoundError, ValueError) as e:
       fail(e)
 
   def checked_main(args):

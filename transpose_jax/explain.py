@@ -24,7 +24,7 @@ from transpose_jax.inference import predict
 
 DEFAULT_CONFIG = cli.config_path('tp_r_a3')
 
-_CONFIG = cli.config_flag(DEFAULT_CONFIG, 'Model config')
+_CONFIG = cli.config_flag(DEFAULT_CONFIG, 'Model config', from_checkpoint=True)
 _CHECKPOINT = cli.checkpoint_flag()
 _IMAGE = flags.DEFINE_string('image', None, 'The image file.')
 _BOX = flags.DEFINE_string(

@@ -296,3 +296,51 @@ def test_corrupt_jpeg_is_named_unless_allowed(model, coco_root, tmp_path, capsys
   evaluate.evaluate(model, config, split, workdir=tmp_path / 'allowed')
   written = json.loads((tmp_path / 'allowed' / 'metrics.json').read_text())
   assert written['skipped_images'] == [] and written['skipped_persons'] == 0
+
+
+@pytest.mark.slow
+def test_cli_recognises_the_variant_without_config(reference_dir, coco_root, tmp_path):
+  """No --config: an official TP-H-S .pth evaluates as TP-H-S (the default
+  config is TP-R-A3), with the results of an explicit --config=tp_h_s."""
+  pth = reference_dir / 'tp_h_s' / 'state_dict.pth'
+  common = (f'--checkpoint={pth}', f'--config.data.root={coco_root}',
+            '--config.eval.batch_size=8')
+  auto = _run_cli(*common, f'--workdir={tmp_path / "auto"}')
+  assert auto.returncode == 0, auto.stderr[-3000:]
+  given = _run_cli('--config=configs/tp_h_s.py', *common, f'--workdir={tmp_path / "given"}')
+  assert given.returncode == 0, given.stderr[-3000:]
+  assert ((tmp_path / 'auto' / 'results.json').read_bytes()
+          == (tmp_path / 'given' / 'results.json').read_bytes())
+
+
+def test_checkpoint_config_is_recognised(reference_dir, tmp_path):
+  """What `cli.run` gives a command line with --checkpoint and no --config."""
+  from transpose_jax import cli  # pylint: disable=g-import-not-at-top
+  from transpose_jax.checkpoints import official  # pylint: disable=g-import-not-at-top
+  from transpose_jax.checkpoints import store as store_lib  # pylint: disable=g-import-not-at-top
+  pth = reference_dir / 'tp_h_s' / 'state_dict.pth'
+  argv = cli.with_checkpoint_config(['eval.py', f'--checkpoint={pth}', '--workdir=x'])
+  assert argv[1] == f'--config={cli.CHECKPOINT_CONFIG}:{pth}'
+  assert cli.with_checkpoint_config(['eval.py', '--config=c.py', f'--checkpoint={pth}']) == [
+      'eval.py', '--config=c.py', f'--checkpoint={pth}']
+  config = store_lib.config_of(str(pth))
+  assert config.variant == 'tp_h_s' and config.model.to_dict() == tp_h_s_model()
+  # A converted checkpoint keeps its variant; a changed model field comes back.
+  model_config = official.variant_config('tp_r_a3')
+  model_config.model.num_joints = 14
+  from transpose_jax import models  # pylint: disable=g-import-not-at-top
+  store_lib.save_model(tmp_path / 'ckpt', models.build(model_config.model), model_config)
+  restored = store_lib.config_of(str(tmp_path / 'ckpt'))
+  assert restored.variant == 'tp_r_a3' and restored.model.num_joints == 14
+  assert restored.model.image_size == (256, 192)
+  # Something that is not a state_dict: one error line, no traceback.
+  bad = tmp_path / 'bad.pth'
+  bad.write_bytes(b'not a torch file')
+  proc = _run_cli(f'--checkpoint={bad}', f'--workdir={tmp_path / "out"}')
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+  assert proc.stderr.startswith('error:') and 'bad.pth' in proc.stderr
+
+
+def tp_h_s_model():
+  from transpose_jax.configs import tp_h_s  # pylint: disable=g-import-not-at-top
+  return tp_h_s.get_config().model.to_dict()

@@ -198,6 +198,15 @@ def test_eval_cli_on_crowdpose(crowdpose_root, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '| Arch | AP |' in proc.stdout
   assert json.loads((tmp_path / 'eval14' / 'metrics.json').read_text())['AP'] >= 0
+  # Without --config the checkpoint's own model fields (14 joints) are used.
+  proc = subprocess.run(
+      [sys.executable, 'eval.py', f'--checkpoint={tmp_path}/ckpt', f'--workdir={tmp_path}/auto',
+       f'--config.data.root={crowdpose_root}', '--config.eval.batch_size=8',
+       '--config.eval.flip_test=False'],
+      cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (json.loads((tmp_path / 'auto' / 'metrics.json').read_text())
+          == json.loads((tmp_path / 'eval14' / 'metrics.json').read_text()))
   proc = run(17)
   assert proc.returncode == 2
   errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]

@@ -21,10 +21,12 @@ import pathlib
 import shutil
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from transpose_jax import config_schema
 from transpose_jax import models
 from transpose_jax.checkpoints import flat
 from transpose_jax.checkpoints import official
@@ -155,6 +157,44 @@ def locate(path) -> tuple[pathlib.Path, int]:
   raise FileNotFoundError(
       f'no transpose-jax checkpoint under {path}: expected a directory written by '
       '`python -m transpose_jax.convert` or a train.py workdir (or its checkpoints/ folder)')
+
+
+def _assign(node: ml_collections.ConfigDict, saved: dict) -> None:
+  """Writes saved (JSON) values into a config node: lists become the tuples
+  the schema uses; fields the schema no longer has are left out."""
+  for key, value in saved.items():
+    if key not in node:
+      continue
+    if isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict):
+      _assign(node[key], value)
+    else:
+      node[key] = tuple(value) if isinstance(node[key], tuple) and isinstance(value, list) else value
+
+
+def config_of(path) -> ml_collections.ConfigDict:
+  """The config to use a checkpoint with when the user gives none.
+
+  An official `.pth`: its variant's config, recognised from the keys and
+  shapes. A transpose-jax checkpoint (converter output or train.py workdir):
+  the config of the variant it names, with the model fields it saved (e.g.
+  num_joints of a fine-tuned model); a variant without a config file starts
+  from the schema's defaults.
+  """
+  if str(path).endswith(('.pth', '.pt')):
+    state_dict = official.read_state_dict(path)
+    return official.variant_config(official.detect_variant(state_dict, str(path)))
+  directory, step = locate(path)
+  with _manager(directory) as manager:
+    meta = read_meta(manager, step)
+  if meta.get('format') != FORMAT:
+    raise ValueError(f'{directory / str(step)}: not a transpose-jax model checkpoint '
+                     f'(format {meta.get("format")!r})')
+  variant = meta.get('variant') or ''
+  known = variant in official.VARIANTS
+  config = official.variant_config(variant) if known else config_schema.defaults()
+  config.variant = variant or config.variant
+  _assign(config.model, meta['model'])
+  return config
 
 
 def restore_model(path, config) -> nnx.Module:
