@@ -1,6 +1,7 @@
 """Unit tests of the training pieces: loss, optimizer, shardings, config checks."""
 
 import importlib
+import os
 import subprocess
 import sys
 
@@ -167,6 +168,64 @@ def test_global_batch_and_mesh():
   assert batch['image'].shape == (2 * n, 3)
   np.testing.assert_array_equal(np.asarray(batch['image']), local['image'])
   assert batch['image'].sharding.spec == jax.sharding.PartitionSpec('data')
+
+
+# ---------------------------------------------------- multi-process launch
+
+# Off a Cloud TPU VM: no metadata query, whatever host runs the tests.
+_ALONE = {'TPU_SKIP_MDS_QUERY': '1'}
+_SRUN = dict(_ALONE, SLURM_JOB_ID='7', SLURM_STEP_NODELIST='node[001-002]', SLURM_NTASKS='2',
+             SLURM_PROCID='1', SLURM_LOCALID='0', SLURM_STEP_NUM_TASKS='2',
+             SLURM_STEP_NUM_NODES='2')
+
+
+@pytest.mark.parametrize('env, launch', [
+    (_ALONE, None),
+    (dict(_ALONE, SLURM_JOB_ID='7', SLURM_NTASKS='1', SLURM_STEP_NODELIST='n1'), None),
+    (dict(_ALONE, TPU_WORKER_HOSTNAMES='t0'), None),
+    (dict(_ALONE, OMPI_MCA_orte_hnp_uri='x', OMPI_COMM_WORLD_SIZE='1'), None),
+    (dict(_ALONE, JAX_COORDINATOR_ADDRESS='h:1', JAX_NUM_PROCESSES='2', JAX_PROCESS_ID='0'),
+     'explicit'),
+    (_SRUN, 'slurm'),
+    (dict(_ALONE, OMPI_MCA_orte_hnp_uri='x', OMPI_COMM_WORLD_SIZE='4'), 'mpi'),
+    (dict(_ALONE, TPU_WORKER_HOSTNAMES='t0,t1'), 'tpu'),
+    (dict(_ALONE, TPU_PROCESS_ADDRESSES='t0:8476,t1:8476'), 'tpu'),
+    (dict(_ALONE, MEGASCALE_NUM_SLICES='2'), 'tpu'),
+])
+def test_distributed_launch_from_the_environment(env, launch):
+  assert sharding.distributed_launch(env) == launch
+
+
+@pytest.mark.parametrize('env, match', [
+    (dict(_ALONE, JAX_COORDINATOR_ADDRESS='h:1', JAX_PROCESS_ID='0'), 'JAX_NUM_PROCESSES'),
+    # sbatch --ntasks=2 running python itself, not through srun: one process
+    # would train alone while the job asked for two.
+    (dict(_ALONE, SLURM_JOB_ID='7', SLURM_NTASKS='2'), 'srun'),
+])
+def test_distributed_launch_refuses_half_a_setup(env, match):
+  with pytest.raises(sharding.LaunchError, match=match):
+    sharding.distributed_launch(env)
+
+
+@pytest.mark.parametrize('env, kwargs', [
+    (_ALONE, None),
+    # One task per node: every device of the node (JAX alone would restrict
+    # the task to device SLURM_LOCALID).
+    (_SRUN, {'local_device_ids': []}),
+    # One task per GPU: JAX's own choice.
+    (dict(_SRUN, SLURM_STEP_NUM_NODES='1'), {}),
+    (dict(_ALONE, JAX_COORDINATOR_ADDRESS='h:1', JAX_NUM_PROCESSES='2', JAX_PROCESS_ID='1'),
+     {'coordinator_address': 'h:1', 'num_processes': 2, 'process_id': 1}),
+])
+def test_init_distributed_calls_jax_only_for_several_processes(monkeypatch, env, kwargs):
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kw: calls.append(kw))
+  for key in list(os.environ):
+    monkeypatch.delenv(key)
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  sharding.init_distributed()
+  assert calls == ([] if kwargs is None else [kwargs])
 
 
 # ----------------------------------------------------------- config checks
