@@ -1,6 +1,7 @@
 """Unit tests of the training pieces: loss, optimizer, shardings, config checks."""
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 from tests.conftest import PROJECT_ROOT
 from transpose_jax import cli
 from transpose_jax import config_schema
+from transpose_jax import paths
 from transpose_jax import sharding
 from transpose_jax.checkpoints import official
 from transpose_jax.configs import mpii_tp_h_a4
@@ -381,3 +383,42 @@ def test_images_per_second_exclude_saving_and_evaluation():
   clock.resume()
   now[0] += 2.0
   assert clock.lap() == 2.0
+
+
+# -------------------------------------------------------- output locations
+
+
+def test_workdir_strings_become_the_folders_they_name(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert os.fspath(paths.resolve('gs://bucket/run')) == 'gs://bucket/run'
+  assert paths.is_remote(paths.resolve('gs://bucket/run'))
+  # pathlib read these as the relative folders ./gs:/bucket/run and ./file:/...
+  assert os.fspath(paths.resolve('file:///data/run')) == '/data/run'
+  assert os.fspath(paths.resolve('runs/x')) == str(tmp_path / 'runs' / 'x')
+  assert not paths.is_remote(paths.resolve('file:///data/run'))
+  paths.check_reachable(paths.resolve(tmp_path / 'missing'))  # local: never an error
+  assert not list(tmp_path.iterdir())
+
+
+def test_staged_logs_reach_the_workdir(tmp_path):
+  """The bucket path of the logs (local staging, copied by sync), on a local
+  workdir: metrics.jsonl keeps the rows a resume keeps, TensorBoard events
+  arrive, and the staging folder is removed."""
+  workdir = paths.resolve(tmp_path / 'run')
+  workdir.mkdir()
+  (workdir / trainer.METRICS_FILE).write_text(
+      ''.join(json.dumps({'step': s, 'loss': 1.0}) + '\n' for s in (1, 2, 3)))
+  writer = trainer._Writer(workdir, start_step=2, total=4, enabled=True, stage=True)
+  staging = writer._staging
+  assert staging is not None and staging.is_dir()
+  writer.record(3, {'train/loss': 0.5}, {'loss': 0.5})
+  writer.sync()
+  rows = [json.loads(l) for l in (workdir / trainer.METRICS_FILE).read_text().splitlines()]
+  assert rows == [{'step': 1, 'loss': 1.0}, {'step': 2, 'loss': 1.0}, {'step': 3, 'loss': 0.5}]
+  writer.record(4, {'train/loss': 0.25}, {'loss': 0.25})
+  writer.close()
+  assert not staging.exists()
+  assert [json.loads(l)['step'] for l in
+          (workdir / trainer.METRICS_FILE).read_text().splitlines()] == [1, 2, 3, 4]
+  events = list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
+  assert events and all(e.read_bytes() for e in events)
