@@ -1,4 +1,5 @@
-"""Training: learning, outputs, resume after SIGKILL / SIGTERM, faults, bf16.
+"""Training: learning, outputs, resume after SIGKILL / SIGTERM, faults, bf16,
+workdirs given as URIs (file://, an unreachable gs:// bucket).
 
 Everything runs a tiny TransPose-R (tests/tiny_train_config.py) on a tiny
 synthetic COCO set, so each training run takes seconds after compilation.
