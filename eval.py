@@ -16,8 +16,9 @@ writes WORKDIR/results.json for the evaluation server and no metrics.
 Otherwise WORKDIR holds results.json (COCO results format; MPII: the
 official pred.mat) and metrics.json; the table is printed.
 
-Multi-process runs start like train.py (JAX_COORDINATOR_ADDRESS,
-JAX_NUM_PROCESSES, JAX_PROCESS_ID, or a TPU pod slice).
+--workdir may be a bucket (gs://bucket/eval; `pip install gcsfs`) or a
+file:// URI. Multi-process runs start like train.py (a Cloud TPU pod slice,
+srun, mpirun, or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
 """
 
 import os
@@ -27,6 +28,7 @@ from absl import logging
 
 from transpose_jax import cli
 from transpose_jax import config_schema
+from transpose_jax import paths
 from transpose_jax import sharding
 from transpose_jax.evaluation import evaluate
 
@@ -52,4 +54,5 @@ def main(argv):
 
 if __name__ == '__main__':
   cli.run(main, default_config=DEFAULT_CONFIG,
-          errors=(config_schema.ConfigError, FileNotFoundError, ValueError))
+          errors=(config_schema.ConfigError, FileNotFoundError, ValueError,
+                  paths.UnreachableError, sharding.LaunchError))

@@ -7,9 +7,24 @@ With no flags it trains the small demo model (configs/demo.py) on the
 synthetic dataset in runs/demo. `--config.batch_size` is global: it is split
 over every device of every process.
 
-Multi-process: on a Cloud TPU pod `jax.distributed.initialize()` finds its
-peers itself; elsewhere set JAX_COORDINATOR_ADDRESS (host:port of process 0),
-JAX_NUM_PROCESSES and JAX_PROCESS_ID in each process's environment.
+--workdir may be a bucket (gs://bucket/run; `pip install gcsfs` and
+credentials, see the README) or a file:// URI; an unreachable bucket is one
+error line and nothing is written locally.
+
+Multi-process (one process per host, every device of its host; logs,
+metrics and checkpoint commits from process 0), found without extra flags:
+  Cloud TPU pod slice  run the same command on every host
+                       (gcloud compute tpus tpu-vm ssh NAME --worker=all
+                       --command=...);
+  SLURM                srun --nodes=N --ntasks-per-node=1 python train.py ...
+                       (JAX picks the coordinator from the step's node list);
+  Open MPI             mpirun -np N --npernode 1 python train.py ...;
+  anything else        JAX_COORDINATOR_ADDRESS (host:port of process 0),
+                       JAX_NUM_PROCESSES and JAX_PROCESS_ID in each
+                       process's environment.
+A single process never starts jax.distributed. SIGTERM to any process (a
+preemption notice) makes all of them save the same step and exit with
+status 143; rerunning the command resumes with the same losses.
 """
 
 import os
@@ -19,6 +34,7 @@ from absl import flags
 
 from transpose_jax import cli
 from transpose_jax import config_schema
+from transpose_jax import paths
 from transpose_jax import sharding
 from transpose_jax.checkpoints import flat
 from transpose_jax.checkpoints import official
@@ -50,4 +66,4 @@ if __name__ == '__main__':
                   trainer.WorkdirMismatchError, trainer.DataOrderError,
                   datasets.AnnotationError, images.BadSampleError,
                   official.CheckpointFileError, flat.WeightMismatchError,
-                  FileNotFoundError))
+                  paths.UnreachableError, sharding.LaunchError, FileNotFoundError))

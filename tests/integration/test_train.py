@@ -1,4 +1,5 @@
-"""Training: learning, outputs, resume after SIGKILL / SIGTERM, faults, bf16.
+"""Training: learning, outputs, resume after SIGKILL / SIGTERM, faults, bf16,
+workdirs given as URIs (file://, an unreachable gs:// bucket).
 
 Everything runs a tiny TransPose-R (tests/tiny_train_config.py) on a tiny
 synthetic COCO set, so each training run takes seconds after compilation.
@@ -408,6 +409,46 @@ def test_bad_input_is_one_error_line_and_leaves_no_workdir(tiny_data, tmp_path, 
   assert bad.stderr.startswith('error: ') and 'Traceback' not in bad.stderr, bad.stderr[-3000:]
   assert 'init.pth is not a readable PyTorch checkpoint' in bad.stderr
   assert not (tmp_path / 'run2').exists()
+
+
+def test_file_uri_workdir_holds_every_output(tiny_data, tmp_path, compile_cache):
+  """--workdir as a URI goes through etils.epath: config, metrics, TensorBoard,
+  checkpoints and evaluation results all land in the folder it names, and
+  nothing lands in the working directory (pathlib made './file:/...')."""
+  cwd = tmp_path / 'cwd'
+  cwd.mkdir()
+  run = tmp_path / 'run'
+  done = subprocess.run(
+      _train_cmd(tiny_data, f'file://{run}') + ['--config.num_train_steps=2',
+                                                '--config.eval_every_steps=2'],
+      env=_env(compile_cache), cwd=cwd, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  assert not list(cwd.iterdir())
+  assert sorted(_losses(run)) == [1, 2]
+  assert [m['step'] for m in _metrics(run) if 'AP' in m] == [2]
+  assert json.loads((run / trainer.CONFIG_FILE).read_text())['num_train_steps'] == 2
+  assert list((run / 'tensorboard').glob('events.out.tfevents.*'))
+  assert _steps(run) == [2]
+  assert {p.name for p in (run / 'eval' / 'step_2').iterdir()} == {'results.json',
+                                                                    'metrics.json'}
+
+
+def test_unreachable_bucket_is_one_error_line_and_creates_nothing(tiny_data, tmp_path,
+                                                                  compile_cache):
+  """No network here: gcsfs (if installed) gives up after its retries, else
+  fsspec asks for it; either way one line naming the path and what to
+  install, exit 2, and no local 'gs:' folder (pathlib made one)."""
+  cwd = tmp_path / 'cwd'
+  cwd.mkdir()
+  workdir = 'gs://transpose-jax-unreachable-test-bucket/run'
+  done = subprocess.run(_train_cmd(tiny_data, workdir), env=_env(compile_cache), cwd=cwd,
+                        capture_output=True, text=True, timeout=600)
+  assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+  assert done.stderr.startswith(f'error: {workdir} cannot be reached'), done.stderr[-3000:]
+  assert len(done.stderr.strip().splitlines()) == 1, done.stderr[-3000:]
+  assert 'pip install gcsfs' in done.stderr
+  assert not list(cwd.iterdir())
+  assert not (ROOT / 'gs:').exists()
 
 
 def _descendants(pid: int) -> set[int]:

@@ -1,16 +1,20 @@
 """Data parallelism: 8 simulated devices match 1 device (synchronised
 BatchNorm, replicated or FSDP parameters), per-device BatchNorm really is per
-device, and 2 processes x 4 devices train and checkpoint through
-jax.distributed on localhost with the losses of 1 device.
+device, and 2 processes x 4 devices, started as srun starts them, train and
+checkpoint through jax.distributed on localhost with the losses of 1 device.
+A SIGTERM to one of two processes stops both at the same step (slow).
 
 About 35 s each on an idle 2-core machine (twice that under load)."""
 
 import json
 import os
 import pathlib
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -34,9 +38,13 @@ def tiny_data(tmp_path_factory) -> str:
 
 
 def _env(**extra):
-  env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=XLA_FLAGS, **extra)
-  for key in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
-    env.pop(key, None)
+  env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=XLA_FLAGS)
+  # A test session inside a SLURM job or an mpirun must still start alone.
+  for key in list(env):
+    if key.startswith(('JAX_COORDINATOR', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID', 'SLURM_',
+                       'OMPI_', 'TPU_WORKER_HOSTNAMES', 'TPU_PROCESS_ADDRESSES')):
+      del env[key]
+  env.update(extra)
   return env
 
 
@@ -88,17 +96,25 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _srun_env(task: int, tasks: int, port: int) -> dict[str, str]:
+  """What srun gives task `task` of a one-node step on this host (JAX's
+  cluster detection reads these; the port is the job id's unless set)."""
+  return dict(SLURM_JOB_ID='4242', SLURM_STEP_NODELIST='localhost',
+              SLURM_NTASKS=str(tasks), SLURM_STEP_NUM_TASKS=str(tasks),
+              SLURM_STEP_NUM_NODES='1', SLURM_PROCID=str(task), SLURM_LOCALID=str(task),
+              JAX_COORDINATOR_PORT=str(port))
+
+
 def test_two_processes_four_devices_each(tiny_data, tmp_path, one_device):
+  """Started as srun would start them: no JAX_* variable, no flag."""
   port = _free_port()
   cmd = [sys.executable, str(ROOT / 'train.py'),
          f'--config={ROOT / "tests" / "tiny_train_config.py"}:{tiny_data}',
          f'--workdir={tmp_path}', '--config.num_train_steps=3', '--config.model.dropout=0.0']
   procs = []
   for pid in range(2):
-    env = _env()
-    env.update(JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2',
-               JAX_PROCESS_ID=str(pid),
-               XLA_FLAGS=f'{XLA_FLAGS} --xla_force_host_platform_device_count=4')
+    env = _env(**_srun_env(pid, 2, port))
+    env.update(XLA_FLAGS=f'{XLA_FLAGS} --xla_force_host_platform_device_count=4')
     procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT))
   outputs = []
@@ -124,3 +140,89 @@ def test_two_processes_four_devices_each(tiny_data, tmp_path, one_device):
   np.testing.assert_allclose(_values(losses),
                              _values(one_device['sync_no_dropout']['losses']), rtol=1e-4)
   assert store.locate(tmp_path) == (tmp_path / 'checkpoints', 3)
+
+
+# ------------------------------------------------- preemption of one process
+
+PREEMPT_STEPS = 30  # long enough that the signal lands mid-run
+
+
+def _launch(cmd, cache, port):
+  """Starts the two processes of one run (4 simulated devices each)."""
+  procs = []
+  for pid in range(2):
+    env = _env(JAX_COMPILATION_CACHE_DIR=cache)
+    env.update(JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2',
+               JAX_PROCESS_ID=str(pid),
+               XLA_FLAGS=f'{XLA_FLAGS} --xla_force_host_platform_device_count=4')
+    procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT))
+  return procs
+
+
+def _wait(procs, timeout=600) -> list[tuple[int, str]]:
+  outputs = []
+  try:
+    for proc in procs:
+      out = proc.communicate(timeout=timeout)[0].decode(errors='replace')
+      outputs.append((proc.returncode, out))
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  return outputs
+
+
+def _logged_losses(workdir) -> dict[int, float]:
+  path = workdir / 'metrics.jsonl'
+  if not path.exists():
+    return {}
+  return {m['step']: m['loss'] for m in map(json.loads, path.read_text().splitlines())
+          if 'loss' in m}
+
+
+@pytest.mark.slow  # three runs of two processes: about 3 minutes on a busy 2-core machine
+def test_sigterm_to_one_process_stops_both_at_one_step_then_resume(tiny_data, tmp_path):
+  """A preemption notice reaches one host only: every process saves the same
+  step through JAX's preemption sync point and exits with 143; rerunning the
+  command resumes with the losses of a run never stopped."""
+  cache = str(tmp_path / 'jax_cache')
+  config = f'--config={ROOT / "tests" / "tiny_train_config.py"}:{tiny_data}'
+  common = [sys.executable, str(ROOT / 'train.py'), config,
+            f'--config.num_train_steps={PREEMPT_STEPS}', '--config.checkpoint_every_steps=100']
+  reference = tmp_path / 'reference'
+  for rc, out in _wait(_launch(common + [f'--workdir={reference}'], cache, _free_port())):
+    assert rc == 0, out[-5000:]
+  expected = _logged_losses(reference)
+  assert sorted(expected) == list(range(1, PREEMPT_STEPS + 1))
+
+  workdir = tmp_path / 'preempted'
+  cmd = common + [f'--workdir={workdir}']
+  procs = _launch(cmd, cache, _free_port())
+  deadline = time.time() + 300
+  while max(_logged_losses(workdir), default=0) < 2:
+    assert time.time() < deadline and all(p.poll() is None for p in procs), (
+        'the run ended or stalled before it could be interrupted')
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)   # not the process that writes the logs
+  results = _wait(procs)
+  for rc, out in results:
+    assert rc == 143, out[-5000:]
+  stopped = [int(m.group(1)) for _, out in results
+             for m in [re.search(r'Stopped at step (\d+) after SIGTERM', out)] if m]
+  assert len(stopped) == 2 and stopped[0] == stopped[1], [o[-3000:] for _, o in results]
+  step = stopped[0]
+  assert 2 <= step < PREEMPT_STEPS
+  saved = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert saved == [step]
+  assert max(_logged_losses(workdir)) == step
+
+  resumed = _wait(_launch(cmd, cache, _free_port()))
+  for rc, out in resumed:
+    assert rc == 0, out[-5000:]
+  assert f'at step {step}.' in resumed[0][1], resumed[0][1][-3000:]  # 'Resuming from ...'
+  losses = _logged_losses(workdir)
+  assert sorted(losses) == list(range(1, PREEMPT_STEPS + 1))
+  np.testing.assert_allclose([losses[s] for s in sorted(losses)],
+                             [expected[s] for s in sorted(expected)], rtol=1e-6)

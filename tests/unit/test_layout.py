@@ -33,7 +33,7 @@ OPTIONAL = {'torch'}
 # Lower layers never import higher ones (module-name prefixes, low to high).
 LAYERS = (
     ('transpose_jax.keypoints', 'transpose_jax.kernels', 'transpose_jax.config_schema',
-     'transpose_jax.sharding'),
+     'transpose_jax.sharding', 'transpose_jax.paths'),
     ('transpose_jax.input_pipeline', 'transpose_jax.models'),
     ('transpose_jax.configs', 'transpose_jax.checkpoints'),
     ('transpose_jax.evaluation',),

@@ -1,6 +1,8 @@
 """Unit tests of the training pieces: loss, optimizer, shardings, config checks."""
 
 import importlib
+import json
+import os
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ import pytest
 from tests.conftest import PROJECT_ROOT
 from transpose_jax import cli
 from transpose_jax import config_schema
+from transpose_jax import paths
 from transpose_jax import sharding
 from transpose_jax.checkpoints import official
 from transpose_jax.configs import mpii_tp_h_a4
@@ -169,6 +172,64 @@ def test_global_batch_and_mesh():
   assert batch['image'].sharding.spec == jax.sharding.PartitionSpec('data')
 
 
+# ---------------------------------------------------- multi-process launch
+
+# Off a Cloud TPU VM: no metadata query, whatever host runs the tests.
+_ALONE = {'TPU_SKIP_MDS_QUERY': '1'}
+_SRUN = dict(_ALONE, SLURM_JOB_ID='7', SLURM_STEP_NODELIST='node[001-002]', SLURM_NTASKS='2',
+             SLURM_PROCID='1', SLURM_LOCALID='0', SLURM_STEP_NUM_TASKS='2',
+             SLURM_STEP_NUM_NODES='2')
+
+
+@pytest.mark.parametrize('env, launch', [
+    (_ALONE, None),
+    (dict(_ALONE, SLURM_JOB_ID='7', SLURM_NTASKS='1', SLURM_STEP_NODELIST='n1'), None),
+    (dict(_ALONE, TPU_WORKER_HOSTNAMES='t0'), None),
+    (dict(_ALONE, OMPI_MCA_orte_hnp_uri='x', OMPI_COMM_WORLD_SIZE='1'), None),
+    (dict(_ALONE, JAX_COORDINATOR_ADDRESS='h:1', JAX_NUM_PROCESSES='2', JAX_PROCESS_ID='0'),
+     'explicit'),
+    (_SRUN, 'slurm'),
+    (dict(_ALONE, OMPI_MCA_orte_hnp_uri='x', OMPI_COMM_WORLD_SIZE='4'), 'mpi'),
+    (dict(_ALONE, TPU_WORKER_HOSTNAMES='t0,t1'), 'tpu'),
+    (dict(_ALONE, TPU_PROCESS_ADDRESSES='t0:8476,t1:8476'), 'tpu'),
+    (dict(_ALONE, MEGASCALE_NUM_SLICES='2'), 'tpu'),
+])
+def test_distributed_launch_from_the_environment(env, launch):
+  assert sharding.distributed_launch(env) == launch
+
+
+@pytest.mark.parametrize('env, match', [
+    (dict(_ALONE, JAX_COORDINATOR_ADDRESS='h:1', JAX_PROCESS_ID='0'), 'JAX_NUM_PROCESSES'),
+    # sbatch --ntasks=2 running python itself, not through srun: one process
+    # would train alone while the job asked for two.
+    (dict(_ALONE, SLURM_JOB_ID='7', SLURM_NTASKS='2'), 'srun'),
+])
+def test_distributed_launch_refuses_half_a_setup(env, match):
+  with pytest.raises(sharding.LaunchError, match=match):
+    sharding.distributed_launch(env)
+
+
+@pytest.mark.parametrize('env, kwargs', [
+    (_ALONE, None),
+    # One task per node: every device of the node (JAX alone would restrict
+    # the task to device SLURM_LOCALID).
+    (_SRUN, {'local_device_ids': []}),
+    # One task per GPU: JAX's own choice.
+    (dict(_SRUN, SLURM_STEP_NUM_NODES='1'), {}),
+    (dict(_ALONE, JAX_COORDINATOR_ADDRESS='h:1', JAX_NUM_PROCESSES='2', JAX_PROCESS_ID='1'),
+     {'coordinator_address': 'h:1', 'num_processes': 2, 'process_id': 1}),
+])
+def test_init_distributed_calls_jax_only_for_several_processes(monkeypatch, env, kwargs):
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kw: calls.append(kw))
+  for key in list(os.environ):
+    monkeypatch.delenv(key)
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  sharding.init_distributed()
+  assert calls == ([] if kwargs is None else [kwargs])
+
+
 # ----------------------------------------------------------- config checks
 
 
@@ -322,3 +383,42 @@ def test_images_per_second_exclude_saving_and_evaluation():
   clock.resume()
   now[0] += 2.0
   assert clock.lap() == 2.0
+
+
+# -------------------------------------------------------- output locations
+
+
+def test_workdir_strings_become_the_folders_they_name(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert os.fspath(paths.resolve('gs://bucket/run')) == 'gs://bucket/run'
+  assert paths.is_remote(paths.resolve('gs://bucket/run'))
+  # pathlib read these as the relative folders ./gs:/bucket/run and ./file:/...
+  assert os.fspath(paths.resolve('file:///data/run')) == '/data/run'
+  assert os.fspath(paths.resolve('runs/x')) == str(tmp_path / 'runs' / 'x')
+  assert not paths.is_remote(paths.resolve('file:///data/run'))
+  paths.check_reachable(paths.resolve(tmp_path / 'missing'))  # local: never an error
+  assert not list(tmp_path.iterdir())
+
+
+def test_staged_logs_reach_the_workdir(tmp_path):
+  """The bucket path of the logs (local staging, copied by sync), on a local
+  workdir: metrics.jsonl keeps the rows a resume keeps, TensorBoard events
+  arrive, and the staging folder is removed."""
+  workdir = paths.resolve(tmp_path / 'run')
+  workdir.mkdir()
+  (workdir / trainer.METRICS_FILE).write_text(
+      ''.join(json.dumps({'step': s, 'loss': 1.0}) + '\n' for s in (1, 2, 3)))
+  writer = trainer._Writer(workdir, start_step=2, total=4, enabled=True, stage=True)
+  staging = writer._staging
+  assert staging is not None and staging.is_dir()
+  writer.record(3, {'train/loss': 0.5}, {'loss': 0.5})
+  writer.sync()
+  rows = [json.loads(l) for l in (workdir / trainer.METRICS_FILE).read_text().splitlines()]
+  assert rows == [{'step': 1, 'loss': 1.0}, {'step': 2, 'loss': 1.0}, {'step': 3, 'loss': 0.5}]
+  writer.record(4, {'train/loss': 0.25}, {'loss': 0.25})
+  writer.close()
+  assert not staging.exists()
+  assert [json.loads(l)['step'] for l in
+          (workdir / trainer.METRICS_FILE).read_text().splitlines()] == [1, 2, 3, 4]
+  events = list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
+  assert events and all(e.read_bytes() for e in events)

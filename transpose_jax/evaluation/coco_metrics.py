@@ -30,6 +30,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from transpose_jax import paths
 from transpose_jax.evaluation import nms
 
 logger = logging.getLogger(__name__)
@@ -153,11 +154,12 @@ def coco_results(kept: Sequence[Sequence[Mapping[str, Any]]],
   return results
 
 
-def write_results(results: Sequence[Mapping[str, Any]], path: str) -> None:
-  """Writes the results json as the official code does (sorted, indent 4)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'w') as f:
-    json.dump(list(results), f, sort_keys=True, indent=4)
+def write_results(results: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
+  """Writes the results json as the official code does (sorted, indent 4);
+  `path` may be in a bucket (`paths.resolve`)."""
+  path = paths.resolve(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(list(results), sort_keys=True, indent=4))
 
 
 def load_ground_truth(annotation_file: str):
@@ -246,7 +248,7 @@ def format_table(metrics: Mapping[str, float], name: str = 'TransPose') -> str:
 
 
 def evaluate(predictions: Sequence[Mapping[str, Any]], annotation_file: str,
-             results_file: str | None = None, *, in_vis_thre: float = 0.2,
+             results_file: str | os.PathLike | None = None, *, in_vis_thre: float = 0.2,
              oks_thre: float = 0.9, soft_nms: bool = False,
              score_results: bool | None = None,
              verbose: bool = True,

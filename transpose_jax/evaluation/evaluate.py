@@ -31,6 +31,7 @@ import os
 import time
 from typing import Any
 
+from etils import epath
 from flax import nnx
 import jax
 from jax.experimental import multihost_utils
@@ -38,6 +39,7 @@ import numpy as np
 import scipy.io
 
 from transpose_jax import config_schema
+from transpose_jax import paths
 from transpose_jax import sharding
 from transpose_jax.checkpoints import store
 from transpose_jax.evaluation import coco_metrics
@@ -197,10 +199,9 @@ def _allgather_ragged(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
           for key, value in gathered.items()}
 
 
-def _write_json(path: str, obj: Any) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'w') as f:
-    json.dump(obj, f, indent=2)
+def _write_json(path: epath.Path, obj: Any) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(obj, indent=2))
 
 
 def _evaluate_coco(config, split, out, workdir) -> dict[str, float] | None:
@@ -214,7 +215,7 @@ def _evaluate_coco(config, split, out, workdir) -> dict[str, float] | None:
       np.array([records[i]['score'] for i in index], np.float64),
       [records[i]['image_id'] for i in index])
   write = workdir is not None and jax.process_index() == 0
-  results_file = os.path.join(workdir, 'results.json') if write else None
+  results_file = workdir / 'results.json' if write else None
   metrics = coco_metrics.evaluate(
       predictions, split.annotation_file, results_file,
       in_vis_thre=config.data.in_vis_thre, oks_thre=config.data.oks_thre,
@@ -238,10 +239,10 @@ def _evaluate_mpii(config, split, out, workdir) -> dict[str, float] | None:
         f'image(s) could not be read, e.g. '
         f'{[split.records[i]["image_path"] for i in missing[:5]]}')
   if workdir is not None and jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     # Official pred.mat: 1-based (x, y).
-    scipy.io.savemat(os.path.join(workdir, 'pred.mat'),
-                     {'preds': out['preds'][:, :, 0:2] + 1.0})
+    with (workdir / 'pred.mat').open('wb') as f:
+      scipy.io.savemat(f, {'preds': out['preds'][:, :, 0:2] + 1.0})
   if 'test' in config.data.val_split:
     return None
   gt_file = mpii_gt_file(config)
@@ -261,7 +262,8 @@ def evaluate(model: nnx.Module, config, split, *,
     config: the project config (config.data, config.eval, config.model).
     split: `splits.build_split(config, train=False)`.
     workdir: where process 0 writes results.json / pred.mat and
-      metrics.json (None: nothing written).
+      metrics.json (None: nothing written); a local folder or a bucket URI
+      (`paths.resolve`).
     mesh: device mesh (default: every device of every host).
 
   Returns:
@@ -269,7 +271,7 @@ def evaluate(model: nnx.Module, config, split, *,
     Shoulder, Elbow, Wrist, Hip, Knee, Ankle, Mean, Mean@0.1 (percent).
     Empty for splits without ground truth (COCO test-dev, MPII test).
   """
-  workdir = None if workdir is None else os.fspath(workdir)
+  workdir = None if workdir is None else paths.resolve(workdir)
   check_split(config, split)
   out = run_inference(model, config, split, mesh=mesh)
   if split.name == 'coco':
@@ -287,7 +289,7 @@ def evaluate(model: nnx.Module, config, split, *,
             f'{skipped["skipped_persons"]} person(s) count as misses: '
             + ', '.join(skipped['skipped_images']), flush=True)
     if workdir is not None:
-      _write_json(os.path.join(workdir, 'metrics.json'), {**metrics, **skipped})
+      _write_json(workdir / 'metrics.json', {**metrics, **skipped})
   return metrics
 
 
@@ -310,10 +312,13 @@ def evaluate_checkpoint(config, checkpoint: str | os.PathLike,
       detection file or MPII gt file (the message names the path).
     ValueError: detection image ids unknown to the annotations, or a
       checkpoint of another variant (the message names the mismatches).
+    paths.UnreachableError: `workdir` is in a bucket this process cannot reach.
   """
   # Training-only constraints (batch_size vs devices) do not apply: the eval
   # batch is rounded up to the device count.
   config_schema.check(config)
+  if workdir is not None:
+    paths.check_reachable(paths.resolve(workdir))
   if not os.path.exists(checkpoint):
     raise FileNotFoundError(f'checkpoint {os.fspath(checkpoint)!r} does not '
                             'exist')

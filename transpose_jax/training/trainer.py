@@ -25,9 +25,10 @@
   loop        progress bar, TensorBoard, `workdir/metrics.jsonl`, non-finite
               loss detection, preemption.
 
-The workdir: `config.json` (the resolved config), `metrics.jsonl` (one
-{"step", "loss", "lr"} per logged step, the mean loss since the previous
-one, and one {"step", "AP"} per evaluation; entries after the checkpoint a
+The workdir (a local folder, a `file://` URI or a bucket such as
+gs://bucket/run: `paths.resolve`): `config.json` (the resolved config),
+`metrics.jsonl` (one {"step", "loss", "lr"} per logged step, the mean loss
+since the previous one, and one {"step", "AP"} per evaluation; entries after the checkpoint a
 run resumes from are dropped, as they are recomputed), `tensorboard/`
 (loss, lr, gradient norm, images/s, eval AP), `checkpoints/<step>/`,
 `eval/step_<step>/` (evaluation results).
@@ -52,11 +53,13 @@ import os
 import pathlib
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from typing import Any, Callable
 
 from absl import logging
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -72,6 +75,7 @@ import tqdm
 from transpose_jax import config_schema
 from transpose_jax import kernels
 from transpose_jax import models
+from transpose_jax import paths
 from transpose_jax import sharding
 from transpose_jax.checkpoints import store
 from transpose_jax.evaluation import evaluate
@@ -284,7 +288,8 @@ def make_train_step(model: Model, tx: optax.GradientTransformation, mesh,
 # =============================================================== checkpoint
 
 
-def make_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
+def make_manager(workdir: epath.Path, config) -> ocp.CheckpointManager:
+  """`workdir`: `paths.resolve`'s (absolute, or a bucket URI)."""
   policy = ocp.checkpoint_managers.AnyPreservationPolicy([
       ocp.checkpoint_managers.LatestN(n=max(int(config.keep_checkpoints), 1)),
       ocp.checkpoint_managers.BestN(
@@ -295,7 +300,7 @@ def make_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
       preservation_policy=policy, create=True,
       enable_async_checkpointing=True)
   return ocp.CheckpointManager(
-      (workdir / CHECKPOINT_DIR).absolute(),
+      workdir / CHECKPOINT_DIR,
       item_names=store.MODEL_ITEMS + (TRAIN_ITEM, DATA_ITEM),
       options=options)
 
@@ -393,7 +398,7 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, model: Model,
 class Evaluator:
   """Runs the eval.py path on the validation split (built on first use)."""
 
-  def __init__(self, config, workdir: pathlib.Path, mesh):
+  def __init__(self, config, workdir: epath.Path, mesh):
     self._config = config
     self._workdir = workdir
     self._mesh = mesh
@@ -495,21 +500,42 @@ class BadSampleCount:
 
 
 class _Writer:
-  """Process 0's logs: metrics.jsonl, TensorBoard and the progress bar."""
+  """Process 0's logs: metrics.jsonl, TensorBoard and the progress bar.
 
-  def __init__(self, workdir: pathlib.Path, start_step: int, total: int,
-               enabled: bool):
+  Both files are written in a local folder: the workdir itself, or, for a
+  workdir in a bucket (`stage`), a temporary folder that `sync` copies to
+  it. An object in a bucket cannot be appended to, and tensorboardX writes
+  to buckets only through google-cloud-storage or boto3, not the fsspec
+  package the rest of the run uses. `sync` runs before every checkpoint
+  (metrics.jsonl must hold the steps a resume keeps), at most every
+  `SYNC_SECONDS` while logging, and at `close`.
+  """
+
+  SYNC_SECONDS = 60.0
+
+  def __init__(self, workdir: epath.Path, start_step: int, total: int,
+               enabled: bool, stage: bool | None = None):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
     self._bar = None
+    self._workdir = workdir
+    self._staging = None
+    self._synced = time.monotonic()
     if not enabled:
       return
-    path = workdir / METRICS_FILE
+    if paths.is_remote(workdir) if stage is None else stage:
+      self._staging = pathlib.Path(tempfile.mkdtemp(prefix='transpose_jax_logs_'))
+      local = self._staging
+      if (workdir / METRICS_FILE).exists():
+        (local / METRICS_FILE).write_bytes((workdir / METRICS_FILE).read_bytes())
+    else:
+      local = pathlib.Path(workdir)
+    path = local / METRICS_FILE
     _truncate_metrics(path, start_step)
     self._jsonl = open(path, 'a', encoding='utf-8')
     self._tb = tensorboardX.SummaryWriter(
-        str(workdir / 'tensorboard'), purge_step=start_step + 1)
+        str(local / 'tensorboard'), purge_step=start_step + 1)
     self._bar = tqdm.tqdm(total=total, initial=start_step, unit='step',
                           dynamic_ncols=True, smoothing=0.1, mininterval=0.5)
 
@@ -522,6 +548,19 @@ class _Writer:
       self._jsonl.write(json.dumps({'step': step, **jsonl}) + '\n')
       self._jsonl.flush()
     self._tb.flush()
+    if time.monotonic() - self._synced > self.SYNC_SECONDS:
+      self.sync()
+
+  def sync(self):
+    """Copies the staged files to the workdir (nothing to do when local)."""
+    self._synced = time.monotonic()
+    if self._staging is None:
+      return
+    for source in sorted(self._staging.rglob('*')):
+      if source.is_file():
+        target = self._workdir / source.relative_to(self._staging).as_posix()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(source.read_bytes())
 
   def message(self, text: str):
     logging.info('%s', text)
@@ -540,6 +579,12 @@ class _Writer:
       self._tb.close()
     if self._jsonl is not None:
       self._jsonl.close()
+    if self._staging is not None:
+      try:
+        self.sync()
+      finally:
+        shutil.rmtree(self._staging, ignore_errors=True)
+        self._staging = None
 
 
 def _truncate_metrics(path: pathlib.Path, keep_up_to: int) -> None:
@@ -551,7 +596,7 @@ def _truncate_metrics(path: pathlib.Path, keep_up_to: int) -> None:
   path.write_text(''.join(l + '\n' for l in kept), encoding='utf-8')
 
 
-def save_config(config, workdir: pathlib.Path) -> None:
+def save_config(config, workdir: epath.Path) -> None:
   (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2) + '\n',
                                      encoding='utf-8')
 
@@ -568,21 +613,27 @@ class TrainResult:
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainResult:
   """Trains (or resumes) in `workdir`; see the module docstring.
 
-  A run that fails before its first step (bad annotations, an unreadable
-  `init_from`, ...) leaves no workdir behind if it created it.
+  `workdir`: a local folder or a bucket URI (`paths.resolve`); a bucket that
+  cannot be reached raises `paths.UnreachableError` before anything is
+  written. A run that fails before its first step (bad annotations, an
+  unreadable `init_from`, ...) leaves no workdir behind if it created it.
   """
-  workdir = pathlib.Path(workdir)
+  workdir = paths.resolve(workdir)
+  paths.check_reachable(workdir)
   created = not workdir.exists()
   started = threading.Event()
   try:
     return _train(config, workdir, started)
   except BaseException:
     if created and not started.is_set() and jax.process_index() == 0:
-      shutil.rmtree(workdir, ignore_errors=True)
+      try:
+        workdir.rmtree(missing_ok=True)
+      except OSError as e:  # the original error matters more
+        logging.warning('Could not remove %s: %s', workdir, e)
     raise
 
 
-def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path,
            started: threading.Event) -> TrainResult:
   config_schema.check(config, device_count=jax.device_count(),
                       process_count=jax.process_count())
@@ -709,6 +760,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
           writer.record(step, {f'eval/{name}': score, f'eval/best_{name}': best_ap},
                         {name: score})
           writer.message(f'step {step}: {name} {score:.4f} (best {best_ap:.4f})')
+      writer.sync()  # a resume from this checkpoint keeps its metrics.jsonl rows
       save_checkpoint(manager, step, model, state, base_key, loader.order(), config,
                       metrics=None if score is None else {'score': score})
       clock.resume()
@@ -735,7 +787,7 @@ def primary_metric(config, metrics: dict) -> tuple[str, float | None]:
   return name, (float(metrics[key]) if key in metrics else None)
 
 
-def _best_ap(path: pathlib.Path, config) -> float | None:
+def _best_ap(path: epath.Path, config) -> float | None:
   """The best primary metric logged so far in metrics.jsonl (after a resume)."""
   if not path.exists():
     return None
