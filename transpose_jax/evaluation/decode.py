@@ -25,7 +25,7 @@ from transpose_jax.input_pipeline import transforms
 
 # `_tile_blur`: maps per row of the tiled image, maps per cv2 call.
 _TILE_COLUMNS = 32
-_TILE_MAPS = 1024
+_TILE_MAPS = 256
 # `_dark`: the blur is computed exactly within _REGION pixels (Chebyshev) of
 # each maximum; the bound for the pixels beyond takes the (2 _CORE + 1)^2 box
 # around the maximum apart. A smaller region costs less per map but settles
