@@ -213,15 +213,20 @@ def test_decode_other_heatmap_sizes(shape):
   np.testing.assert_array_equal(maxvals, want_maxvals)
 
 
-def test_decode_settles_most_sharp_peaks_without_a_whole_blur(monkeypatch):
-  """The bound settles isolated peaks; a strong second peak is blurred whole
-  (and still exact, see above)."""
+def test_decode_blurs_whole_only_what_the_bounds_do_not_settle(monkeypatch):
+  """Isolated peaks settle with the first region, two peaks with the second;
+  three strong peaks are blurred whole (and all stay exact)."""
   rng = np.random.default_rng(7)
   h, w = 64, 48
   yy, xx = np.mgrid[:h, :w].astype(np.float32)
+
+  def peak(x, y):
+    return np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 8.0).astype(np.float32)
+
   cx, cy = rng.uniform(6, w - 6, (50, 1, 1)), rng.uniform(6, h - 6, (50, 1, 1))
   maps = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 8.0).astype(np.float32)
-  maps[-1] += np.exp(-((xx - 5) ** 2 + (yy - 5) ** 2) / 8.0).astype(np.float32)
+  maps[-2] = peak(10, 10) + peak(35, 50)
+  maps[-1] = peak(10, 10) + peak(35, 50) + 0.95 * peak(30, 20)
   whole = []
   tile_blur = decode._tile_blur
 
@@ -242,7 +247,9 @@ def test_decode_settles_most_sharp_peaks_without_a_whole_blur(monkeypatch):
 def test_bound_holds_beyond_the_region():
   """What lets `decode._dark` skip the blur far from the maximum: there the
   (unscaled) blur is at most m S + (A - m) W, A the maximum, m the largest
-  value outside the core box around it, or 0."""
+  value outside the core box around it, or 0; with a second core box around
+  the largest value outside the first, A2, beyond both regions, at most
+  m S + (A - m) W + (A2 - m) W, m now outside both boxes."""
   rng = np.random.default_rng(11)
   h, w = 64, 48
   maps = _heatmaps(rng, 8, 17, h, w).reshape(-1, h, w)
@@ -260,9 +267,20 @@ def test_bound_holds_beyond_the_region():
     peak = float(m[cy, cx])
     if peak <= 0:
       continue
-    rest = max(float(np.max(m[distance > decode._CORE], initial=-np.inf)), 0.0)
+    outside = distance > decode._CORE
+    rest = max(float(np.max(m[outside], initial=-np.inf)), 0.0)
     beyond = b[distance > decode._REGION]
-    assert (beyond <= rest * total + (peak - rest) * weight).all()
+    assert (beyond <= decode._beyond_bound(rest, [peak], total, weight)).all()
+    # With a second core box around the largest value outside the first.
+    cy2, cx2 = np.unravel_index(np.argmax(np.where(outside, m, -np.inf)),
+                                m.shape)
+    distance2 = np.maximum(np.abs(yy - cy2), np.abs(xx - cx2))
+    peak2 = float(m[cy2, cx2])
+    rest = max(float(np.max(m[outside & (distance2 > decode._CORE)],
+                            initial=-np.inf)), 0.0)
+    beyond = b[(distance > decode._REGION) & (distance2 > decode._REGION)]
+    assert (beyond <= decode._beyond_bound(rest, [peak, peak2], total,
+                                           weight)).all()
 
 
 @pytest.mark.parametrize('dtype', [np.float32, np.float64])

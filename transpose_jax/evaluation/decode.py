@@ -325,10 +325,15 @@ def _dark(maps: np.ndarray, kernel: int) -> tuple[np.ndarray, np.ndarray]:
   rest = np.maximum(rest.astype(np.float64), 0.0)
   total, weight = _kernel_sums(kernel, _CORE, _REGION)
   peak = maxvals[sel].astype(np.float64)
-  bound = (rest * total + (peak - rest) * weight) * (1 + 1e-9)
+  bound = _beyond_bound(rest, [peak], total, weight)
   below = np.nextafter(blur_max, np.float32(-np.inf)).astype(np.float64)
   with np.errstate(invalid='ignore'):
     unsettled = np.nonzero(~(bound < below))[0]
+  if unsettled.size:
+    blur_max[unsettled], settled = _second_peak(
+        maps[sel[unsettled]], cy[unsettled], cx[unsettled],
+        blur_max[unsettled], peak[unsettled], kernel, total, weight)
+    unsettled = unsettled[~settled]
   if unsettled.size:
     blurred = _tile_blur(maps[sel[unsettled]], kernel, border)
     blur_max[unsettled] = blurred.reshape(len(unsettled), -1).max(axis=1)
@@ -342,6 +347,68 @@ def _dark(maps: np.ndarray, kernel: int) -> tuple[np.ndarray, np.ndarray]:
       lambda dy, dx: log_stencil[:, 2 + dy, 2 + dx])
   coords[sel[done]] += offset.astype(np.float32)
   return coords, maxvals
+
+
+def _beyond_bound(rest, peaks, total: float, weight: float):
+  """Upper bound of the float64 blur beyond the exact regions (see `_dark`):
+  m S + the excess over m of each core box's maximum times W, with a margin
+  far above float64 rounding. NaN (never settles) where an input is NaN."""
+  bound = rest * total
+  for peak in peaks:
+    bound = bound + np.maximum(peak - rest, 0.0) * weight
+  return bound * (1 + 1e-9)
+
+
+def _second_peak(maps: np.ndarray, cy: np.ndarray, cx: np.ndarray,
+                 blur_max: np.ndarray, peak: np.ndarray, kernel: int,
+                 total: float, weight: float) -> tuple[np.ndarray, np.ndarray]:
+  """The bound of `_dark` with a second exact region, around the largest
+  value outside the first core box (another person's joint, most often).
+
+  Beyond both regions blur(p) <= m S + (A - m) W + (A2 - m) W, A2 that value
+  and m the largest one outside both core boxes (or 0): each core box adds
+  at most its excess over m times W.
+
+  Returns:
+    The maps' blurred maxima (updated where settled) and which are settled.
+  """
+  s, h, w = maps.shape
+  ys, xs = np.arange(h), np.arange(w)
+
+  def core(y, x):
+    return ((np.abs(ys[None] - y[:, None]) <= _CORE)[:, :, None]
+            & (np.abs(xs[None] - x[:, None]) <= _CORE)[:, None, :])
+
+  masked = np.where(core(cy, cx), -np.inf, maps).reshape(s, -1)
+  second = masked.argmax(axis=1)
+  cy2, cx2 = second // w, second % w
+  peak2 = masked[np.arange(s), second].astype(np.float64)
+  masked = np.where(core(cy2, cx2).reshape(s, -1), -np.inf, masked)
+  rest = np.maximum(masked.max(axis=1, initial=-np.inf).astype(np.float64), 0.0)
+  region, inner = _region_blur(maps, cy2, cx2, kernel)
+  blur_max = np.maximum(
+      blur_max, np.where(inner, region, -np.inf).max(axis=(1, 2)).astype(np.float32))
+  bound = _beyond_bound(rest, [peak, peak2], total, weight)
+  below = np.nextafter(blur_max, np.float32(-np.inf)).astype(np.float64)
+  with np.errstate(invalid='ignore'):
+    return blur_max, bound < below
+
+
+def _region_blur(maps: np.ndarray, cy: np.ndarray, cx: np.ndarray,
+                 kernel: int) -> tuple[np.ndarray, np.ndarray]:
+  """Exact blur of the (2 _REGION + 1)^2 region around (cy, cx) of each map,
+  and which of its pixels lie in the map."""
+  s, h, w = maps.shape
+  reach = _REGION + (kernel - 1) // 2
+  span = np.arange(-reach, reach + 1)
+  ys, xs = cy[:, None] + span, cx[:, None] + span
+  valid = (((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :])
+  patches = maps.reshape(s, -1)[
+      np.arange(s)[:, None, None],
+      np.clip(ys, 0, h - 1)[:, :, None] * w + np.clip(xs, 0, w - 1)[:, None, :]]
+  patches[~valid] = 0
+  cut = slice(reach - _REGION, reach + _REGION + 1)
+  return _tile_blur(patches, kernel, 0)[:, cut, cut], valid[:, cut, cut]
 
 
 def _rows_per_group(h: int) -> int:
