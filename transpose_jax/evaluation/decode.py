@@ -244,8 +244,10 @@ def _dark(maps: np.ndarray, kernel: int) -> tuple[np.ndarray, np.ndarray]:
   A the map maximum, m the largest value outside the (2 `_CORE` + 1)^2 box
   around it (or 0, the padding), S and W from `_kernel_sums`; float64
   rounding adds < 1e-13 relative (every term of the blur keeps its sign).
-  Maps the bound does not settle (a second peak, flat noise) are blurred
-  whole, exactly as before.
+  Maps the bound does not settle get a second exact region around their
+  largest value outside the core box (`_second_peak`: another person's
+  joint, most often); the ones still unsettled (flat noise, more peaks) are
+  blurred whole.
 
   Returns:
     coords [M, 2] float32 (x, y) in heatmap pixels and maxvals [M] float32,
