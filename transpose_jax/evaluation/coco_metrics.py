@@ -119,20 +119,31 @@ def rescore_and_nms(predictions: Sequence[Mapping[str, Any]], *,
     Per image (in order of first appearance), the kept persons in keep
     order: new dicts with the rescored 'score'.
   """
-  by_image: dict[int, list[dict[str, Any]]] = {}
-  for p in predictions:
-    by_image.setdefault(int(p['image_id']), []).append(p)
+  if not predictions:
+    return []
+  # Rescoring is per person: all at once, then split by image. NMS gets the
+  # keypoints in their own dtype (it sets the OKS rounding), as stacked per
+  # image: one stack serves when all persons share it (evaluate's float32).
+  poses = [np.asarray(p['keypoints']) for p in predictions]
+  keypoints = np.stack(poses)
+  mixed = len({pose.dtype for pose in poses}) > 1
+  scores = rescore(keypoints,
+                   np.array([p['score'] for p in predictions], np.float64),
+                   in_vis_thre)
+  areas = np.array([p['area'] for p in predictions], np.float64)
+  by_image: dict[int, list[int]] = {}
+  for i, p in enumerate(predictions):
+    by_image.setdefault(int(p['image_id']), []).append(i)
   suppress = nms.soft_oks_nms if soft_nms else nms.oks_nms
   kept = []
   for persons in by_image.values():
-    keypoints = np.stack([np.asarray(p['keypoints']) for p in persons])
-    scores = rescore(keypoints,
-                     np.array([p['score'] for p in persons], np.float64),
-                     in_vis_thre)
-    areas = np.array([p['area'] for p in persons], np.float64)
-    rescored = [dict(p, score=scores[i]) for i, p in enumerate(persons)]
-    keep = suppress(keypoints, scores, areas, oks_thre, sigmas=sigmas)
-    kept.append([rescored[i] for i in keep] if keep else rescored)
+    rows = np.asarray(persons)
+    image_keypoints = (np.stack([poses[i] for i in persons]) if mixed
+                       else keypoints[rows])
+    keep = suppress(image_keypoints, scores[rows], areas[rows], oks_thre,
+                    sigmas=sigmas)
+    kept.append([dict(predictions[persons[i]], score=scores[persons[i]])
+                 for i in (keep if keep else range(len(persons)))])
   return kept
 
 

@@ -23,6 +23,19 @@ import numpy as np
 from transpose_jax import keypoints
 from transpose_jax.input_pipeline import transforms
 
+# `_tile_blur`: maps per row of the tiled image, maps per cv2 call.
+_TILE_COLUMNS = 32
+_TILE_MAPS = 256
+# `_dark`: the blur is computed exactly within _REGION pixels (Chebyshev) of
+# each maximum; the bound for the pixels beyond takes the (2 _CORE + 1)^2 box
+# around the maximum apart. A smaller region costs less per map but settles
+# fewer maps: on benchmarks/eval_host.py's heatmaps (4, 3) left 15% of the
+# maps to a whole blur, (5, 3) 11%, (3, 2) 78%; (5, 3) was the fastest.
+_REGION = 5
+_CORE = 3
+# Rows per group of the one pass over the data (group maxima).
+_ROW_GROUP = 8
+
 
 def _check_heatmaps(heatmaps: np.ndarray, name: str = 'heatmaps',
                     layout: str = '[N, K, h, w]') -> np.ndarray:
@@ -53,6 +66,51 @@ def get_max_preds(heatmaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return coords, maxvals
 
 
+def _tile_blur(maps: np.ndarray, kernel: int, gap: int) -> np.ndarray:
+  """`cv2.GaussianBlur(kernel, sigma=0)` of each zero-padded map.
+
+  The maps are laid out side by side in one float64 image, each followed by
+  `gap` zero rows and columns (and that many before the first). With gap =
+  (kernel - 1) / 2 the window of every map pixel covers that map and zeros
+  only, as with its own zero padding; with gap 0 that holds for the pixels
+  at least (kernel - 1) / 2 inside each map. One cv2 call blurs hundreds of
+  maps, and OpenCV computes every output pixel in the same order wherever it
+  lies in the image, so the result is bit-identical to one call per map
+  (tests/parity/test_decode.py).
+
+  Args:
+    maps: [M, h, w].
+    kernel: odd kernel size.
+    gap: zeros between the maps.
+
+  Returns:
+    [M, h, w] blurred maps, cast to the maps' dtype as the official code
+    casts them.
+  """
+  m, h, w = maps.shape
+  out = np.empty((m, h, w), maps.dtype)
+  cols = max(1, min(_TILE_COLUMNS, m))
+  for start in range(0, m, _TILE_MAPS):
+    chunk = maps[start:start + _TILE_MAPS]
+    full, rest = divmod(len(chunk), cols)
+    rows = full + (rest > 0)
+    canvas = np.zeros((gap + rows * (h + gap), gap + cols * (w + gap)))
+    # [rows, cols, h, w] views of the map positions.
+    tiles = canvas[gap:, gap:].reshape(
+        rows, h + gap, cols, w + gap)[:, :h, :, :w].transpose(0, 2, 1, 3)
+    tiles[:full] = chunk[:full * cols].reshape(full, cols, h, w)
+    if rest:
+      tiles[full, :rest] = chunk[full * cols:]
+    blurred = cv2.GaussianBlur(canvas, (kernel, kernel), 0)
+    tiled = blurred[gap:, gap:].reshape(
+        rows, h + gap, cols, w + gap)[:, :h, :, :w].transpose(0, 2, 1, 3)
+    dst = out[start:start + len(chunk)]
+    dst[:full * cols].reshape(full, cols, h, w)[...] = tiled[:full]
+    if rest:
+      dst[full * cols:] = tiled[full, :rest]
+  return out
+
+
 def gaussian_blur(heatmaps: np.ndarray, kernel: int = 11) -> np.ndarray:
   """Blurs each map as the official DARK code does; returns a new array.
 
@@ -69,24 +127,62 @@ def gaussian_blur(heatmaps: np.ndarray, kernel: int = 11) -> np.ndarray:
     Blurred heatmaps, same shape and dtype as the input.
   """
   heatmaps = _check_heatmaps(heatmaps)
-  if kernel < 1 or kernel % 2 == 0:
-    raise ValueError(f'blur kernel must be a positive odd size, got {kernel}')
+  _check_kernel(kernel)
   n, k, h, w = heatmaps.shape
-  border = (kernel - 1) // 2
-  out = np.empty_like(heatmaps)
-  canvas = np.zeros((h + 2 * border, w + 2 * border), np.float64)
-  # One map per cv2 call: a multi-channel blur differs from the per-map one
-  # in the last bit, and the official code blurs map by map.
-  for i in range(n):
-    for j in range(k):
-      canvas[border:border + h, border:border + w] = heatmaps[i, j]
-      blurred = cv2.GaussianBlur(canvas, (kernel, kernel), 0)
-      out[i, j] = blurred[border:border + h, border:border + w]
+  # Many maps per cv2 call (`_tile_blur`); a multi-channel blur would differ
+  # from the official per-map one in the last bit.
+  out = _tile_blur(heatmaps.reshape(n * k, h, w), kernel, (kernel - 1) // 2)
+  out = out.reshape(n, k, h, w)
   origin_max = heatmaps.reshape(n, k, -1).max(axis=2)
   with np.errstate(divide='ignore', invalid='ignore'):
     ratio = origin_max / out.reshape(n, k, -1).max(axis=2)
   out *= ratio[..., None, None]
   return out
+
+
+def _check_kernel(kernel: int) -> None:
+  if kernel < 1 or kernel % 2 == 0:
+    raise ValueError(f'blur kernel must be a positive odd size, got {kernel}')
+
+
+def _newton_offsets(at) -> tuple[np.ndarray, np.ndarray]:
+  """The official `taylor` step from the log-heatmap around each maximum.
+
+  Args:
+    at: at(dy, dx) -> [m] log-heatmap values at (y + dy, x + dx) of the m
+      maxima.
+
+  Returns:
+    (rows, offsets): the maxima with an invertible Hessian and their [r, 2]
+    Newton offsets (x, y).
+  """
+  # Same operation order as the official scalar code, elementwise.
+  dx = 0.5 * (at(0, 1) - at(0, -1))
+  dy = 0.5 * (at(1, 0) - at(-1, 0))
+  dxx = 0.25 * (at(0, 2) - 2 * at(0, 0) + at(0, -2))
+  dxy = 0.25 * (at(1, 1) - at(-1, 1) - at(1, -1) + at(-1, -1))
+  dyy = 0.25 * (at(2, 0) - 2 * at(0, 0) + at(-2, 0))
+  det = dxx * dyy - dxy ** 2
+  ok = det != 0
+  hessian = np.stack([np.stack([dxx, dxy], -1), np.stack([dxy, dyy], -1)], -2)
+  gradient = np.stack([dx, dy], -1)[..., None]
+  idx = np.nonzero(ok)[0]
+  try:
+    inverse = np.linalg.inv(hessian[idx])
+  except np.linalg.LinAlgError:
+    # Singular in float64 although not in float32: invert one by one and
+    # keep the integer maximum for the singular ones.
+    keep, inverses = [], []
+    for m in idx:
+      try:
+        inverses.append(np.linalg.inv(hessian[m]))
+        keep.append(m)
+      except np.linalg.LinAlgError:
+        pass
+    idx = np.asarray(keep, np.int64)
+    inverse = (np.stack(inverses) if inverses
+               else np.zeros((0, 2, 2), hessian.dtype))
+  return idx, -(inverse @ gradient[idx])[..., 0]
 
 
 def taylor_refine(log_heatmaps: np.ndarray,
@@ -115,38 +211,211 @@ def taylor_refine(log_heatmaps: np.ndarray,
   if ni.size == 0:
     return out
   x, y = px[ni, ki], py[ni, ki]
-
-  def at(dy, dx):
-    return log_heatmaps[ni, ki, y + dy, x + dx]
-
-  # Same operation order as the official scalar code, elementwise.
-  dx = 0.5 * (at(0, 1) - at(0, -1))
-  dy = 0.5 * (at(1, 0) - at(-1, 0))
-  dxx = 0.25 * (at(0, 2) - 2 * at(0, 0) + at(0, -2))
-  dxy = 0.25 * (at(1, 1) - at(-1, 1) - at(1, -1) + at(-1, -1))
-  dyy = 0.25 * (at(2, 0) - 2 * at(0, 0) + at(-2, 0))
-  det = dxx * dyy - dxy ** 2
-  ok = det != 0
-  hessian = np.stack([np.stack([dxx, dxy], -1), np.stack([dxy, dyy], -1)], -2)
-  gradient = np.stack([dx, dy], -1)[..., None]
-  idx = np.nonzero(ok)[0]
-  try:
-    inverse = np.linalg.inv(hessian[idx])
-  except np.linalg.LinAlgError:
-    # Singular in float64 although not in float32: invert one by one and
-    # keep the integer maximum for the singular ones.
-    keep, inverses = [], []
-    for m in idx:
-      try:
-        inverses.append(np.linalg.inv(hessian[m]))
-        keep.append(m)
-      except np.linalg.LinAlgError:
-        pass
-    idx = np.asarray(keep, np.int64)
-    inverse = np.stack(inverses) if inverses else np.zeros((0, 2, 2), out.dtype)
-  offset = -(inverse @ gradient[idx])[..., 0]
+  idx, offset = _newton_offsets(
+      lambda dy, dx: log_heatmaps[ni, ki, y + dy, x + dx])
   out[ni[idx], ki[idx]] += offset.astype(out.dtype)
   return out
+
+
+def _kernel_sums(kernel: int, core: int, region: int) -> tuple[float, float]:
+  """(S, W) for the bound of `_dark`: S the sum of the 2-D blur kernel, W the
+  largest weight it gives to the (2 core + 1)^2 box around the maximum from a
+  pixel more than `region` pixels (Chebyshev) away from it."""
+  g = cv2.getGaussianKernel(kernel, 0, cv2.CV_64F).ravel()
+  border = (kernel - 1) // 2
+  taps = np.arange(-border, border + 1)
+
+  def in_core(offset):  # kernel weight of the taps landing in the core rows
+    return g[np.abs(offset + taps) <= core].sum()
+
+  return float(g.sum() ** 2), float(in_core(0) * in_core(region + 1))
+
+
+def _dark(maps: np.ndarray, kernel: int) -> tuple[np.ndarray, np.ndarray]:
+  """Argmax + DARK refinement of maps [M, h, w] (float32, C order).
+
+  The official result without blurring every map: the blur enters it only
+  through (a) the blurred values at the 13 pixels of the Newton step and
+  (b) each map's blurred maximum (the rescaling ratio). Both come from one
+  exact `_tile_blur` of a small patch around the maximum, whose blurred
+  maximum is the map's when this bound proves it: the kernel is positive, so
+  a pixel p farther than `_REGION` from the maximum has
+    blur(p) <= m S + (A - m) W,
+  A the map maximum, m the largest value outside the (2 `_CORE` + 1)^2 box
+  around it (or 0, the padding), S and W from `_kernel_sums`; float64
+  rounding adds < 1e-13 relative (every term of the blur keeps its sign).
+  Maps the bound does not settle get a second exact region around their
+  largest value outside the core box (`_second_peak`: another person's
+  joint, most often); the ones still unsettled (flat noise, more peaks) are
+  blurred whole.
+
+  Returns:
+    coords [M, 2] float32 (x, y) in heatmap pixels and maxvals [M] float32,
+    bit-identical to get_max_preds + gaussian_blur + log + taylor_refine.
+  """
+  m, h, w = maps.shape
+  border = (kernel - 1) // 2
+  flat = maps.reshape(m, h * w)
+  rows = np.arange(m)
+  # One pass over the data: maxima of groups of rows; the first maximum of
+  # the map is the first one of the first group holding the map maximum.
+  group = _rows_per_group(h)
+  groups = h // group
+  group_len = group * w
+  grouped = flat.reshape(m, groups, group_len)
+  group_max = grouped.max(axis=2)
+  first = group_max.argmax(axis=1)
+  idx = first * group_len + grouped[rows, first].argmax(axis=1)
+  maxvals = flat[rows, idx]
+  zero = np.nonzero(maxvals == 0)[0]
+  if zero.size:  # np.max's sign of zero, as get_max_preds returns it
+    maxvals[zero] = flat[zero].max(axis=1)
+  coords = np.stack([idx % w, idx // w], axis=-1).astype(np.float32)
+  coords *= (maxvals > 0).astype(np.float32)[:, None]
+  px = coords[:, 0].astype(np.int64)
+  py = coords[:, 1].astype(np.int64)
+  sel = np.nonzero((px > 1) & (px < w - 2) & (py > 1) & (py < h - 2))[0]
+  if sel.size == 0:
+    return coords, maxvals
+  cx, cy = px[sel], py[sel]
+  s = len(sel)
+
+  # The rows around each maximum, zero beyond the map (contiguous row
+  # copies, zero-padded on both sides): the patch that the region's blur
+  # reads, and every row of the groups that meet the core box, so that the
+  # other groups' maxima give m without reading them again.
+  reach = _REGION + border
+  half = max(reach, _CORE + group - 1)
+  ys = cy[:, None] + np.arange(-half, half + 1)
+  row_ok = (ys >= 0) & (ys < h)
+  band = np.zeros((s, 2 * half + 1, w + 2 * reach), np.float32)
+  # Rows within the map are one contiguous block (a sliding window over the
+  # flat map, 2x faster than gathering rows); the maps whose rows run off
+  # the map are gathered row by row.
+  clipped = ~row_ok.all(axis=1)
+  if h >= 2 * half + 1:
+    start = np.clip(cy - half, 0, h - 2 * half - 1) * w
+    band[:, :, reach:reach + w] = np.lib.stride_tricks.sliding_window_view(
+        flat, (2 * half + 1) * w, axis=1)[sel, start].reshape(s, -1, w)
+  else:
+    clipped[:] = True
+  if clipped.any():
+    band[clipped, :, reach:reach + w] = maps[
+        sel[clipped][:, None], np.clip(ys[clipped], 0, h - 1)]
+    band[~row_ok] = 0
+  cut = slice(half - reach, half + reach + 1)
+  patches = np.lib.stride_tricks.sliding_window_view(
+      band[:, cut], 2 * reach + 1, axis=2)[np.arange(s), :, cx]
+  size = 2 * _REGION + 1
+  region = _tile_blur(patches, kernel, 0)[:, border:border + size,
+                                          border:border + size]
+  inner = (row_ok[:, cut][:, border:border + size, None]
+           & (np.abs(np.arange(-_REGION, _REGION + 1) + cx[:, None] - (w - 1) / 2)
+              <= (w - 1) / 2)[:, None, :])
+  blur_max = np.where(inner, region, -np.inf).max(axis=(1, 2)).astype(np.float32)
+
+  # m: the largest value outside the core box (padding zeros count below).
+  groups_out = np.abs(np.arange(groups) * group + (group - 1) / 2
+                      - cy[:, None]) > _CORE + (group - 1) / 2
+  rest = np.where(groups_out, group_max[sel], -np.inf).max(axis=1)
+  rest = np.maximum(rest, np.maximum(band[:, :half - _CORE].max(axis=(1, 2)),
+                                     band[:, half + _CORE + 1:].max(axis=(1, 2))))
+  core_cols = np.abs(np.arange(-reach, w + reach) - cx[:, None]) <= _CORE
+  core_rows = band[:, half - _CORE:half + _CORE + 1]
+  rest = np.maximum(rest, np.where(core_cols[:, None, :], -np.inf,
+                                   core_rows).max(axis=(1, 2)))
+  rest = np.maximum(rest.astype(np.float64), 0.0)
+  total, weight = _kernel_sums(kernel, _CORE, _REGION)
+  peak = maxvals[sel].astype(np.float64)
+  bound = _beyond_bound(rest, [peak], total, weight)
+  below = np.nextafter(blur_max, np.float32(-np.inf)).astype(np.float64)
+  with np.errstate(invalid='ignore'):
+    unsettled = np.nonzero(~(bound < below))[0]
+  if unsettled.size:
+    blur_max[unsettled], settled = _second_peak(
+        maps[sel[unsettled]], cy[unsettled], cx[unsettled],
+        blur_max[unsettled], peak[unsettled], kernel, total, weight)
+    unsettled = unsettled[~settled]
+  if unsettled.size:
+    blurred = _tile_blur(maps[sel[unsettled]], kernel, border)
+    blur_max[unsettled] = blurred.reshape(len(unsettled), -1).max(axis=1)
+
+  with np.errstate(divide='ignore', invalid='ignore'):
+    ratio = maxvals[sel] / blur_max
+  stencil = region[:, _REGION - 2:_REGION + 3, _REGION - 2:_REGION + 3]
+  stencil = stencil * ratio[:, None, None]
+  log_stencil = np.log(np.maximum(stencil, 1e-10))
+  done, offset = _newton_offsets(
+      lambda dy, dx: log_stencil[:, 2 + dy, 2 + dx])
+  coords[sel[done]] += offset.astype(np.float32)
+  return coords, maxvals
+
+
+def _beyond_bound(rest, peaks, total: float, weight: float):
+  """Upper bound of the float64 blur beyond the exact regions (see `_dark`):
+  m S + the excess over m of each core box's maximum times W, with a margin
+  far above float64 rounding. NaN (never settles) where an input is NaN."""
+  bound = rest * total
+  for peak in peaks:
+    bound = bound + np.maximum(peak - rest, 0.0) * weight
+  return bound * (1 + 1e-9)
+
+
+def _second_peak(maps: np.ndarray, cy: np.ndarray, cx: np.ndarray,
+                 blur_max: np.ndarray, peak: np.ndarray, kernel: int,
+                 total: float, weight: float) -> tuple[np.ndarray, np.ndarray]:
+  """The bound of `_dark` with a second exact region, around the largest
+  value outside the first core box (another person's joint, most often).
+
+  Beyond both regions blur(p) <= m S + (A - m) W + (A2 - m) W, A2 that value
+  and m the largest one outside both core boxes (or 0): each core box adds
+  at most its excess over m times W.
+
+  Returns:
+    The maps' blurred maxima (updated where settled) and which are settled.
+  """
+  s, h, w = maps.shape
+  ys, xs = np.arange(h), np.arange(w)
+
+  def core(y, x):
+    return ((np.abs(ys[None] - y[:, None]) <= _CORE)[:, :, None]
+            & (np.abs(xs[None] - x[:, None]) <= _CORE)[:, None, :])
+
+  masked = np.where(core(cy, cx), -np.inf, maps).reshape(s, -1)
+  second = masked.argmax(axis=1)
+  cy2, cx2 = second // w, second % w
+  peak2 = masked[np.arange(s), second].astype(np.float64)
+  masked = np.where(core(cy2, cx2).reshape(s, -1), -np.inf, masked)
+  rest = np.maximum(masked.max(axis=1, initial=-np.inf).astype(np.float64), 0.0)
+  region, inner = _region_blur(maps, cy2, cx2, kernel)
+  blur_max = np.maximum(
+      blur_max, np.where(inner, region, -np.inf).max(axis=(1, 2)).astype(np.float32))
+  bound = _beyond_bound(rest, [peak, peak2], total, weight)
+  below = np.nextafter(blur_max, np.float32(-np.inf)).astype(np.float64)
+  with np.errstate(invalid='ignore'):
+    return blur_max, bound < below
+
+
+def _region_blur(maps: np.ndarray, cy: np.ndarray, cx: np.ndarray,
+                 kernel: int) -> tuple[np.ndarray, np.ndarray]:
+  """Exact blur of the (2 _REGION + 1)^2 region around (cy, cx) of each map,
+  and which of its pixels lie in the map."""
+  s, h, w = maps.shape
+  reach = _REGION + (kernel - 1) // 2
+  span = np.arange(-reach, reach + 1)
+  ys, xs = cy[:, None] + span, cx[:, None] + span
+  valid = (((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :])
+  patches = maps.reshape(s, -1)[
+      np.arange(s)[:, None, None],
+      np.clip(ys, 0, h - 1)[:, :, None] * w + np.clip(xs, 0, w - 1)[:, None, :]]
+  patches[~valid] = 0
+  cut = slice(reach - _REGION, reach + _REGION + 1)
+  return _tile_blur(patches, kernel, 0)[:, cut, cut], valid[:, cut, cut]
+
+
+def _rows_per_group(h: int) -> int:
+  """The largest divisor of h up to _ROW_GROUP."""
+  return max(g for g in range(1, min(h, _ROW_GROUP) + 1) if h % g == 0)
 
 
 def transform_preds(coords: np.ndarray, center: Sequence[float],
@@ -171,9 +440,44 @@ def transform_preds(coords: np.ndarray, center: Sequence[float],
   return transforms.affine_transform(coords[:, :2], trans)
 
 
+def _inverse_transforms(center: np.ndarray, scale: np.ndarray,
+                        heatmap_size: Sequence[int]) -> np.ndarray:
+  """[N, 2, 3] matrices of `transform_preds` for N crops at once.
+
+  The source points are those of `transforms.affine_source_points` (rot 0,
+  no shift) with the same dtypes, computed for all crops together; one
+  `cv2.solve` with a right-hand side per crop runs the LU solve of
+  `cv2.getAffineTransform` on each column, so the matrices are bit-identical
+  to one getAffineTransform per crop (tests/parity/test_decode.py).
+  """
+  n = len(center)
+  height, width = heatmap_size
+  scale_px = scale * transforms.PIXEL_STD
+  # affine_source_points: the second point is center + [0, (w_px - 1) * -0.5]
+  # with the offset in float64 (np.sin / np.cos of rot 0 are float64).
+  down = ((scale_px[:, 0] - 1) * -0.5).astype(np.float64)
+  src = np.zeros((n, 3, 2), np.float32)
+  src[:, 0] = center + scale_px * np.zeros(2, np.float32)
+  src[:, 1] = center + np.stack([np.zeros(n), down], axis=-1) + (
+      scale_px * np.zeros(2, np.float32))
+  d = src[:, 0] - src[:, 1]
+  src[:, 2] = src[:, 1] + np.stack([-d[:, 1], d[:, 0]], axis=-1).astype(np.float32)
+  dst = transforms._destination_points(width, height)  # pylint: disable=protected-access
+  # getAffineTransform(dst, src): rows (x, y, 1, 0, 0, 0) and (0, 0, 0, x, y,
+  # 1) per point, right-hand side the source point.
+  a = np.zeros((6, 6))
+  a[0::2, 0:2] = dst
+  a[1::2, 3:5] = dst
+  a[0::2, 2] = a[1::2, 5] = 1
+  _, solution = cv2.solve(a, src.reshape(n, 6).T.astype(np.float64),
+                          flags=cv2.DECOMP_LU)
+  return solution.T.reshape(n, 2, 3)
+
+
 def decode_heatmaps(heatmaps: np.ndarray, center: np.ndarray,
                    scale: np.ndarray, blur_kernel: int = 11,
-                   transform_back: bool = True
+                   transform_back: bool = True, *,
+                   channels_first: bool = False
                    ) -> tuple[np.ndarray, np.ndarray]:
   """Official TransPose decoding (`get_final_preds`): argmax + DARK, back to
   image pixels.
@@ -184,29 +488,42 @@ def decode_heatmaps(heatmaps: np.ndarray, center: np.ndarray,
     scale: [N, 2] crop scales (w, h) in units of 200 px.
     blur_kernel: TEST.BLUR_KERNEL (11 in every TP config).
     transform_back: False returns the refined heatmap-pixel coordinates.
+    channels_first: heatmaps are [N, K, h, w] (the official layout; the
+      evaluation transposes them on the device, which saves the host a
+      strided copy of every map).
 
   Returns:
     preds: [N, K, 2] float32 (x, y).
     maxvals: [N, K, 1] float32 heatmap maxima (the keypoint scores).
   """
-  heatmaps = _check_heatmaps(heatmaps, layout='[N, h, w, K] (the model output)')
-  heatmaps = np.ascontiguousarray(heatmaps.transpose(0, 3, 1, 2), np.float32)
-  n, _, h, w = heatmaps.shape
+  if channels_first:
+    heatmaps = np.ascontiguousarray(_check_heatmaps(heatmaps), np.float32)
+  else:
+    heatmaps = _check_heatmaps(heatmaps,
+                               layout='[N, h, w, K] (the model output)')
+    heatmaps = np.ascontiguousarray(heatmaps.transpose(0, 3, 1, 2), np.float32)
+  _check_kernel(blur_kernel)
+  n, k, h, w = heatmaps.shape
   center = np.asarray(center)
   scale = np.asarray(scale)
   if center.shape != (n, 2) or scale.shape != (n, 2):
     raise ValueError(
         f'center and scale must be [{n}, 2] for {n} heatmaps, got '
         f'{center.shape} and {scale.shape}')
-  coords, maxvals = get_max_preds(heatmaps)
-  blurred = gaussian_blur(heatmaps, blur_kernel)
-  log_heatmaps = np.log(np.maximum(blurred, 1e-10))
-  coords = taylor_refine(log_heatmaps, coords)
-  preds = coords.copy()
-  if transform_back:
-    for i in range(n):
-      preds[i] = transform_preds(coords[i], center[i], scale[i], (h, w))
-  return preds, maxvals.astype(np.float32, copy=False)
+  coords, maxvals = _dark(heatmaps.reshape(n * k, h, w), blur_kernel)
+  coords = coords.reshape(n, k, 2)
+  maxvals = maxvals.reshape(n, k, 1)
+  if transform_back and n:
+    trans = _inverse_transforms(center, scale, (h, w))
+    # transforms.affine_transform, for all crops: float64, then stored in
+    # the float32 result.
+    x = coords[..., 0].astype(np.float64)
+    y = coords[..., 1].astype(np.float64)
+    t = trans[:, :, :, None]
+    coords = np.stack([t[:, 0, 0] * x + t[:, 0, 1] * y + t[:, 0, 2],
+                       t[:, 1, 0] * x + t[:, 1, 1] * y + t[:, 1, 2]],
+                      axis=-1).astype(np.float32)
+  return coords, maxvals
 
 
 def flip_back(heatmaps, flip_pairs: Sequence[Sequence[int]],

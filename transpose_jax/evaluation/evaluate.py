@@ -11,7 +11,9 @@ distributed:
    mirrored input, `flip_back` and the average (no one-pixel shift unless
    `config.eval.shift_heatmap`, as the official TransPose validate());
 3. each process decodes its own rows with `decode.decode_heatmaps` (DARK),
-   then the predictions are gathered on every process;
+   then the predictions are gathered on every process (the heatmaps come to
+   the host as [N, K, h, w], transposed on the device: the host would spend
+   more on that strided copy than on the decoding);
 4. COCO: rescoring + OKS-NMS + COCOeval (`coco_metrics`); MPII: PCKh
    (`mpii_metrics`) against ROOT/annot/gt_{val_split}.mat.
 
@@ -134,7 +136,8 @@ def run_inference(model: nnx.Module, config, split, *,
       return
     center = np.stack([np.asarray(records[i]['center']) for i in index])
     scale = np.stack([np.asarray(records[i]['scale']) for i in index])
-    p, m = decode.decode_heatmaps(rows[mask], center, scale, blur_kernel=blur)
+    p, m = decode.decode_heatmaps(rows if mask.all() else rows[mask], center,
+                                  scale, blur_kernel=blur, channels_first=True)
     indices.append(index)
     preds.append(p)
     maxvals.append(m)
@@ -144,7 +147,7 @@ def run_inference(model: nnx.Module, config, split, *,
   pending = None
   start, timed_crops = None, 0
   for step, batch in enumerate(loader):
-    heatmaps = predictor(batch['image'])
+    heatmaps = _channels_first(predictor(batch['image']))
     if pending is not None:
       decode_batch(*pending)
     pending = (heatmaps, batch)
@@ -181,6 +184,11 @@ def run_inference(model: nnx.Module, config, split, *,
   out = {key: value[order] for key, value in local.items()}
   out['unreadable'] = np.sort(skipped['index'])
   return out
+
+
+@jax.jit
+def _channels_first(heatmaps: jax.Array) -> jax.Array:
+  return heatmaps.transpose(0, 3, 1, 2)
 
 
 def _allgather_ragged(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

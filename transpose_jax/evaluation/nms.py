@@ -85,6 +85,22 @@ def oks_iou(g: np.ndarray, d: np.ndarray, a_g: float, a_d: np.ndarray,
   return ious
 
 
+def _oks_matrix(keypoints: np.ndarray, areas: np.ndarray,
+                sigmas: np.ndarray | None) -> np.ndarray:
+  """[M, M] OKS of every pose with every other: row i is `oks_iou(
+  keypoints[i], keypoints, areas[i], areas)` bit for bit (the same elementwise
+  operations, and the sum over joints reduces the same contiguous rows)."""
+  num_joints = keypoints.shape[1] // 3
+  variances = (_sigmas(sigmas, num_joints) * 2) ** 2
+  x = keypoints[:, 0::3]
+  y = keypoints[:, 1::3]
+  dx = x[None, :, :] - x[:, None, :]
+  dy = y[None, :, :] - y[:, None, :]
+  e = ((dx ** 2 + dy ** 2) / variances /
+       ((areas[:, None, None] + areas[None, :, None]) / 2 + np.spacing(1)) / 2)
+  return np.exp(-e).sum(axis=2) / e.shape[2]
+
+
 def _check_dets(keypoints, scores, areas):
   keypoints = _flat_keypoints(keypoints, 'keypoints')
   scores = np.asarray(scores)
@@ -113,15 +129,29 @@ def oks_nms(keypoints: np.ndarray, scores: np.ndarray, areas: np.ndarray,
     Kept indices into the inputs, in keep order (highest score first).
   """
   keypoints, scores, areas = _check_dets(keypoints, scores, areas)
+  overlaps = _overlaps(keypoints, areas, sigmas, in_vis_thre)
   order = scores.argsort()[::-1]
   keep = []
   while order.size > 0:
     i = order[0]
     keep.append(int(i))
-    ovr = oks_iou(keypoints[i], keypoints[order[1:]], areas[i],
-                  areas[order[1:]], sigmas, in_vis_thre)
+    ovr = overlaps(i, order[1:])
     order = order[np.nonzero(ovr <= thresh)[0] + 1]
   return keep
+
+
+def _overlaps(keypoints, areas, sigmas, in_vis_thre):
+  """overlaps(i, others) -> oks_iou of pose i with the poses `others`.
+
+  Without in_vis_thre from one OKS matrix (one numpy pass per image instead
+  of one oks_iou call per kept pose); with it, oks_iou itself (its sum over
+  the selected joints of each pose is not a row of a matrix).
+  """
+  if in_vis_thre is None and len(keypoints):
+    matrix = _oks_matrix(keypoints, areas, sigmas)
+    return lambda i, others: matrix[i, others]
+  return lambda i, others: oks_iou(keypoints[i], keypoints[others], areas[i],
+                                   areas[others], sigmas, in_vis_thre)
 
 
 def soft_oks_nms(keypoints: np.ndarray, scores: np.ndarray, areas: np.ndarray,
@@ -132,13 +162,13 @@ def soft_oks_nms(keypoints: np.ndarray, scores: np.ndarray, areas: np.ndarray,
   Args and return as `oks_nms`; at most 20 indices are kept.
   """
   keypoints, scores, areas = _check_dets(keypoints, scores, areas)
+  overlaps = _overlaps(keypoints, areas, sigmas, in_vis_thre)
   order = scores.argsort()[::-1]
   scores = scores[order]
   keep = []
   while order.size > 0 and len(keep) < _SOFT_NMS_MAX_DETS:
     i = order[0]
-    ovr = oks_iou(keypoints[i], keypoints[order[1:]], areas[i],
-                  areas[order[1:]], sigmas, in_vis_thre)
+    ovr = overlaps(i, order[1:])
     order = order[1:]
     scores = scores[1:] * np.exp(-ovr ** 2 / thresh)
     resort = scores.argsort()[::-1]
