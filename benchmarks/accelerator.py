@@ -34,8 +34,8 @@ the date, machine and versions first) and writes every figure to
 `--output` as JSON. Runtime: each row compiles the training step and the
 evaluation forward once, then runs `--steps` + 1 steps and two evaluation
 passes; on a GPU not measured yet. The smoke run of
-tests/integration/test_benchmarks.py (tiny config, one row) took 68 s on
-this project's loaded 2-core CPU. docs/accelerators.md says what each column
+tests/integration/test_benchmarks.py (tiny config, one row) took about a
+minute (33 CPU-seconds) on this project's loaded 2-core CPU. docs/accelerators.md says what each column
 means.
 """
 
@@ -272,10 +272,11 @@ def main(argv=None) -> None:
         print('|---' * (COLUMNS.count('|') - 1) + '|')
       rows.append(row)
       print(table_row(row), flush=True)
-  with open(args.output, 'w') as f:
-    json.dump(dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                   host=platform.node(), cpus=os.cpu_count(), argv=sys.argv[1:], rows=rows),
-              f, indent=2)
+      # After every row: a run cut short (a device lease's end) keeps what it measured.
+      with open(args.output, 'w') as f:
+        json.dump(dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                       host=platform.node(), cpus=os.cpu_count(), argv=sys.argv[1:],
+                       rows=rows), f, indent=2)
   print(f'# written: {args.output}')
 
 
