@@ -78,7 +78,7 @@ VARIANTS = ('tp_r_a3', 'tp_r_a3_bilinear', 'tp_r_a4', 'tp_h_s', 'tp_h_a4', 'tp_h
 # datasheet); NVIDIA A100 Tensor Core GPU datasheet (BF16 312, TF32 156,
 # SXM and PCIe); Google Cloud TPU documentation, system architecture pages
 # per version (BF16: v4 275, v5e 197, v5p 459, v6e 918 TFLOPS).
-# H100 PCIe / NVL and H200 NVL run at lower clocks: not listed, MFU blank.
+# H100 PCIe / NVL and H200 NVL have lower peaks: not listed, MFU blank.
 PEAK_FLOPS = (
     (r'H200(?! NVL)', {'bfloat16': 989e12, 'float32': 494e12}),
     (r'H100 (80GB HBM3|SXM)', {'bfloat16': 989e12, 'float32': 494e12}),
