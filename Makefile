@@ -77,5 +77,12 @@ bench: install
 	$(RUN) $(PY) benchmarks/train_step.py $(if $(OFFICIAL),--official $(OFFICIAL) --rounds $(ROUNDS)) $(if $(BASELINE),--baseline $(BASELINE) --rounds $(ROUNDS))
 	$(RUN) $(PY) benchmarks/input_pipeline.py $(if $(OFFICIAL),--official $(OFFICIAL))
 
+# Training and evaluation throughput, peak memory and MFU per variant and
+# dtype on this host's accelerator (docs/accelerators.md); OFFICIAL=DIR adds
+# the official PyTorch step on the same GPU. Writes accelerator.json.
+.PHONY: bench-accelerator
+bench-accelerator: install
+	$(RUN) $(PY) benchmarks/accelerator.py $(if $(OFFICIAL),--official $(OFFICIAL))
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -2,15 +2,18 @@
 
     python benchmarks/official_train_step.py --official DIR [--variants tp_r_a3,tp_h_s]
                                              [--batch 8] [--steps 5] [--threads N]
+                                             [--device cpu|cuda]
 
 DIR is a checkout of https://github.com/yangsenius/TransPose (it is not part
 of this project and is never downloaded by it); its `lib/` is imported as is,
 with its experiment yaml per variant. Needs torch and yacs (`pip install
 torch==2.13.0 yacs`). The step is the official `train()` inner loop: forward
 in train mode, JointsMSELoss with target weights, backward, Adam step, on
-random images and targets. Reported: the median of `--steps` timed steps after
-one warm-up step, as images/s, one line of JSON per variant (train_step.py
---official prints them next to its own figures).
+random images and targets, on `--device` (cuda: with the official cuDNN
+settings of its yaml, and the peak of torch's allocator reported).
+Reported: the median of `--steps` timed steps after one warm-up step, as
+images/s, one line of JSON per variant (train_step.py --official and
+accelerator.py --official print them next to their own figures).
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ def _official_modules(official_dir: str):
   return config.cfg, loss.JointsMSELoss, importlib
 
 
-def measure(official_dir: str, variant: str, batch: int, steps: int) -> dict:
+def measure(official_dir: str, variant: str, batch: int, steps: int,
+            device: str = 'cpu') -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   cfg, joints_mse_loss, importlib = _official_modules(official_dir)
   cfg = cfg.clone()
@@ -53,18 +57,23 @@ def measure(official_dir: str, variant: str, batch: int, steps: int) -> dict:
                                    EXPERIMENTS[variant]))
   cfg.MODEL.INIT_WEIGHTS = False
   cfg.freeze()
+  # As the official tools/train.py sets them (the yaml's CUDNN block).
+  torch.backends.cudnn.benchmark = cfg.CUDNN.BENCHMARK
+  torch.backends.cudnn.deterministic = cfg.CUDNN.DETERMINISTIC
+  torch.backends.cudnn.enabled = cfg.CUDNN.ENABLED
   models = importlib.import_module(f'models.{cfg.MODEL.NAME}')
-  model = models.get_pose_net(cfg, is_train=True)
+  model = models.get_pose_net(cfg, is_train=True).to(device)
   model.train()
-  criterion = joints_mse_loss(cfg.LOSS.USE_TARGET_WEIGHT)
+  criterion = joints_mse_loss(cfg.LOSS.USE_TARGET_WEIGHT).to(device)
   optimizer = torch.optim.Adam(model.parameters(), lr=cfg.TRAIN.LR)
   w, h = cfg.MODEL.IMAGE_SIZE
   hw, hh = cfg.MODEL.HEATMAP_SIZE
   k = cfg.MODEL.NUM_JOINTS
   gen = torch.Generator().manual_seed(0)
-  images = torch.randn(batch, 3, h, w, generator=gen)
-  target = torch.rand(batch, k, hh, hw, generator=gen)
-  weight = torch.ones(batch, k, 1)
+  images = torch.randn(batch, 3, h, w, generator=gen).to(device)
+  target = torch.rand(batch, k, hh, hw, generator=gen).to(device)
+  weight = torch.ones(batch, k, 1, device=device)
+  cuda = torch.device(device).type == 'cuda'
 
   def step():
     output = model(images)
@@ -72,7 +81,10 @@ def measure(official_dir: str, variant: str, batch: int, steps: int) -> dict:
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    return float(loss)
+    value = loss.item()
+    if cuda:
+      torch.cuda.synchronize()
+    return value
 
   step()
   times = []
@@ -82,8 +94,9 @@ def measure(official_dir: str, variant: str, batch: int, steps: int) -> dict:
     times.append(time.perf_counter() - start)
   median = statistics.median(times)
   return dict(variant=variant, framework='pytorch', torch=torch.__version__,
-              threads=torch.get_num_threads(), batch=batch, step_s=median,
-              images_per_s=batch / median)
+              device=device, threads=torch.get_num_threads(), batch=batch, step_s=median,
+              images_per_s=batch / median,
+              peak_bytes=torch.cuda.max_memory_allocated() if cuda else None)
 
 
 def main(argv=None) -> None:
@@ -95,6 +108,7 @@ def main(argv=None) -> None:
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--threads', type=int, default=0,
                       help='torch threads (0: torch default, one per core)')
+  parser.add_argument('--device', default='cpu', help="torch device: 'cpu' or 'cuda'")
   args = parser.parse_args(argv)
   if args.threads:
     import torch  # pylint: disable=g-import-not-at-top
@@ -103,7 +117,7 @@ def main(argv=None) -> None:
     if variant not in EXPERIMENTS:
       raise SystemExit(f'unknown variant {variant!r}; official ones: '
                        f'{", ".join(EXPERIMENTS)}')
-    print(json.dumps(measure(args.official, variant, args.batch, args.steps)),
+    print(json.dumps(measure(args.official, variant, args.batch, args.steps, args.device)),
           flush=True)
 
 

@@ -21,7 +21,7 @@ import pathlib
 import re
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -82,8 +82,17 @@ def build(variant: str, dtype: str, batch: int) -> tuple[Callable[[], float], fl
   """(one more step -> its seconds, seconds of compilation and the first
   step, `program_fingerprint` of the compiled step) for
   `configs/<variant>.py` of the checkout on the path."""
-  trainer, optim, sharding, configs = _library()
+  configs = _library()[3]
   config = importlib.import_module(f'{configs}.{variant}').get_config()
+  run_step, compile_s, compiled = build_for_config(config, dtype, batch)
+  return run_step, compile_s, program_fingerprint(compiled.as_text())
+
+
+def build_for_config(config, dtype: str, batch: int) -> tuple[Callable[[], float], float, Any]:
+  """(one more step -> its seconds, seconds of compilation and the first
+  step, the compiled step) for `config` at `dtype` and global `batch`."""
+  trainer, optim, sharding, _ = _library()
+  config = config.copy_and_resolve_references()
   config.model.compute_dtype = dtype
   config.batch_size = batch
   mesh = sharding.make_mesh()
@@ -111,7 +120,7 @@ def build(variant: str, dtype: str, batch: int) -> tuple[Callable[[], float], fl
     float(metrics['loss'])
     return time.perf_counter() - start
 
-  return run_step, compile_s + run_step(), program_fingerprint(compiled.as_text())
+  return run_step, compile_s + run_step(), compiled
 
 
 def main(argv) -> None:

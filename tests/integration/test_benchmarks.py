@@ -1,0 +1,47 @@
+"""benchmarks/accelerator.py: one tiny row end to end, and the peak FLOP/s table."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+from benchmarks import accelerator
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_accelerator_smoke_run(tmp_path):
+  output = tmp_path / 'results.json'
+  out = subprocess.run(
+      [sys.executable, str(ROOT / 'benchmarks' / 'accelerator.py'),
+       '--variants', 'tests/tiny_train_config.py', '--dtypes', 'float32', '--batch', '2',
+       '--steps', '1', '--eval_images', '2', '--eval_workers', '0',
+       '--data_dir', str(tmp_path / 'coco'), '--output', str(output)],
+      cwd=ROOT, check=True, capture_output=True, text=True, timeout=300).stdout
+  lines = out.splitlines()
+  assert lines[1] == accelerator.COLUMNS
+  cells = [c.strip() for c in lines[3].strip('|').split('|')]
+  assert cells[:3] == ['tests/tiny_train_config.py', 'float32', '2']
+  assert float(cells[3]) > 0 and float(cells[7]) > 0   # train img/s, eval crops/s
+  (row,) = json.loads(output.read_text())['rows']
+  for key in ('train_step_s', 'train_images_per_s', 'compile_s', 'peak_memory_bytes',
+              'train_flops_per_image', 'eval_crops_per_s', 'eval_s'):
+    assert row[key] > 0, key
+  # The synthetic val split of 2 images has at least one person per image.
+  assert row['eval_crops'] >= 2
+  assert row['peak_memory_from'] == ('xla' if row['platform'] == 'cpu' else 'device')
+  assert row['mfu'] is None if row['peak_flops_per_chip'] is None else 0 < row['mfu'] < 1
+  assert row['official_images_per_s'] is None   # no --official
+
+
+def test_peak_flops_by_device_kind():
+  assert accelerator.peak_flops('NVIDIA H200', 'bfloat16') == 989e12
+  assert accelerator.peak_flops('NVIDIA H100 80GB HBM3', 'float32') == 494e12
+  assert accelerator.peak_flops('NVIDIA A100-SXM4-80GB', 'bfloat16') == 312e12
+  assert accelerator.peak_flops('TPU v5 lite', 'bfloat16') == 197e12
+  assert accelerator.peak_flops('TPU v5', 'bfloat16') == 459e12
+  assert accelerator.peak_flops('TPU v6 lite', 'bfloat16') == 918e12
+  # Lower-clocked parts and unknown chips: no figure rather than a wrong one.
+  assert accelerator.peak_flops('NVIDIA H200 NVL', 'bfloat16') is None
+  assert accelerator.peak_flops('NVIDIA H100 PCIe', 'bfloat16') is None
+  assert accelerator.peak_flops('cpu', 'float32') is None
