@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from transpose_jax import config_schema
 from transpose_jax import models
 from transpose_jax.checkpoints import flat
 from transpose_jax.checkpoints import official
@@ -155,6 +156,29 @@ def locate(path) -> tuple[pathlib.Path, int]:
   raise FileNotFoundError(
       f'no transpose-jax checkpoint under {path}: expected a directory written by '
       '`python -m transpose_jax.convert` or a train.py workdir (or its checkpoints/ folder)')
+
+
+def saved_config(path):
+  """The config a checkpoint at `path` was written with: its variant's
+  config file (or the defaults) with the saved model fields.
+
+  `path` as `restore_model`'s; an official `.pth` names no config, so its
+  variant is recognised from its keys and shapes."""
+  if str(path).endswith(('.pth', '.pt')):
+    state_dict = official.read_state_dict(path)
+    return official.variant_config(official.detect_variant(state_dict, str(path)))
+  directory, step = locate(path)
+  with _manager(directory) as manager:
+    meta = read_meta(manager, step)
+  if meta.get('format') != FORMAT:
+    raise ValueError(f'{directory / str(step)}: not a transpose-jax model checkpoint '
+                     f'(format {meta.get("format")!r})')
+  variant = meta.get('variant', '')
+  config = (official.variant_config(variant) if variant in official.VARIANTS
+            else config_schema.defaults())
+  config.model.update(meta['model'])
+  config.variant = variant
+  return config
 
 
 def restore_model(path, config) -> nnx.Module:
