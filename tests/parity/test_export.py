@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import PROJECT_ROOT
 from tests.parity.test_convert import TOLERANCES
+from transpose_jax import models
 from transpose_jax.checkpoints import official, store
 from transpose_jax.inference import export
 
@@ -108,6 +109,12 @@ def test_a_converter_checkpoint_exports_with_its_own_config(exported_models, ref
   got = official.to_official(restored)
   for key, value in expected.items():
     np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def test_onnx_of_the_bilinear_head_is_refused_naming_stablehlo():
+  config = official.variant_config('tp_r_a3_bilinear')
+  with pytest.raises(ValueError, match='--format=stablehlo exports it'):
+    export.export_onnx(models.build(config.model, abstract=True), config.model)
 
 
 def _run(args, cwd=PROJECT_ROOT):

@@ -58,9 +58,13 @@ def load_model(checkpoint: str | os.PathLike, config=None):
 
   `checkpoint`: an official `.pth`, a converter output directory or a
   train.py workdir; with `config` None, the config is the checkpoint's own
-  (`store.saved_config`: recognised from an official file's keys and shapes).
+  (`store.saved_config`: recognised from an official file's keys and
+  shapes), computing in float32 as the official model does whatever
+  precision it was trained in; a given `config` is taken as it is.
   """
-  config = store.saved_config(checkpoint) if config is None else config
+  if config is None:
+    config = store.saved_config(checkpoint)
+    config.model.compute_dtype = 'float32'
   config = config.copy_and_resolve_references()
   config.model.kernels = 'reference'
   return store.restore_model(checkpoint, config), config
@@ -112,6 +116,12 @@ def _quiet_converter() -> Iterator[None]:
 
 def export_onnx(model: nnx.Module, model_config) -> onnx.ModelProto:
   """The forward as an ONNX model, batch size dynamic."""
+  if model_config.head == 'bilinear':
+    # Measured with jax2onnx 0.17.1: its jax.image.resize takes only static
+    # shapes and fails on the symbolic batch size.
+    raise ValueError("--format=onnx: the bilinear head (config.model.head='bilinear') has no "
+                     'dynamic-batch ONNX conversion (jax2onnx converts jax.image.resize with '
+                     'static shapes only); --format=stablehlo exports it')
   with _quiet_converter():
     return to_onnx(channels_first_forward(model), [_input_shape(model_config)],
                    model_name='transpose', opset=ONNX_OPSET, input_names=[INPUT_NAME],
