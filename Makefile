@@ -38,7 +38,7 @@ endif
 
 install: $(STAMP) $(JPEG_ROI)
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt requirements-export.txt pyproject.toml
 	@if [ -z "$(TCMALLOC)" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  (apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 || \
 	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1)) || \
@@ -46,6 +46,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -r requirements-export.txt
 	$(if $(ACCEL),$(PY) -m pip install -q "jax[$(ACCEL)]==$$($(PY) -c 'import jax; print(jax.__version__)')")
 	touch $(STAMP)
 

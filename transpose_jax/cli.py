@@ -1,7 +1,7 @@
 """What every command-line entry point does around its own `main`.
 
 The entry points (train.py, eval.py and `python -m transpose_jax.convert`,
-`.predict`, `.explain`, `.demo`, `.synthetic`) define their absl flags at
+`.export`, `.predict`, `.explain`, `.demo`, `.synthetic`) define their absl flags at
 module level (the shared ones with `config_flag` and `checkpoint_flag`) and
 start with `cli.run(main, ...)`, which
 

@@ -39,8 +39,9 @@ LAYERS = (
     ('transpose_jax.evaluation',),
     ('transpose_jax.inference', 'transpose_jax.training'),
 )
-CLI_MODULES = {'transpose_jax.cli', 'transpose_jax.convert', 'transpose_jax.predict',
-               'transpose_jax.explain', 'transpose_jax.demo', 'transpose_jax.synthetic'}
+CLI_MODULES = {'transpose_jax.cli', 'transpose_jax.convert', 'transpose_jax.export',
+               'transpose_jax.predict', 'transpose_jax.explain', 'transpose_jax.demo',
+               'transpose_jax.synthetic'}
 
 
 def _modules() -> dict[str, pathlib.Path]:

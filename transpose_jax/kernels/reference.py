@@ -11,6 +11,7 @@ Layouts: activations NHWC, convolution kernels HWIO, attention q/k/v
 
 from __future__ import annotations
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 
@@ -54,8 +55,12 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array,
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   """`nn.MaxPool2d(3, 2, padding=1)` on NHWC: padding never wins the max."""
-  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
-                               ((0, 0), (1, 1), (1, 1), (0, 0)))
+  # Flax's pooling is a reduce_window; called by name, ONNX converters
+  # (jax2onnx) see a 2-D MaxPool, where a bare 4-D reduce_window becomes a
+  # MaxPool over all four axes that onnxruntime cannot run. Their MaxPool
+  # takes only 'VALID'/'SAME' padding, hence the explicit -inf border.
+  x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  return nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding='VALID')
 
 
 def deconv4x4(x: jax.Array, kernel: jax.Array) -> jax.Array:
