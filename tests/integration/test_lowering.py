@@ -10,8 +10,14 @@ for 'cuda' alone also has the convolution and matrix-product counts of the
 reference-kernel module lowered for the CPU (a module for two platforms
 holds each op once per platform).
 
+The same modules show the precision of `config.model.precision` on every
+convolution and matrix product: HIGHEST in the evaluation forward ('auto'),
+none (XLA's default) in the training step unless asked for.
+
 Nothing here runs or compiles: shapes only (`models.build(abstract=True)`).
 """
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +36,10 @@ CPU_KERNELS = 'transpose_jax/kernels/cpu.py'
 BATCH = 2
 
 
-def _config(variant: str, kernel_choice: str):
+def _config(variant: str, kernel_choice: str, precision: str = 'auto'):
   config = official.variant_config(variant)
   config.model.kernels = kernel_choice
+  config.model.precision = precision
   config.batch_size = BATCH
   return config
 
@@ -42,9 +49,10 @@ def _placed(tree, shardings):
                       tree, shardings)
 
 
-def lower_train_step(variant: str, platforms: tuple[str, ...], kernel_choice: str = 'auto') -> str:
+def lower_train_step(variant: str, platforms: tuple[str, ...], kernel_choice: str = 'auto',
+                     precision: str = 'auto') -> str:
   """The StableHLO text of the training step exported for `platforms`."""
-  config = _config(variant, kernel_choice)
+  config = _config(variant, kernel_choice, precision)
   mesh = sharding.make_mesh(jax.devices()[:1])
   model = trainer.split_model(models.build(config.model, abstract=True))
   tx, _ = optim.make_optimizer(config, 10, model.params)
@@ -66,9 +74,9 @@ def lower_train_step(variant: str, platforms: tuple[str, ...], kernel_choice: st
 
 
 def lower_eval_forward(variant: str, platforms: tuple[str, ...],
-                       kernel_choice: str = 'auto') -> str:
+                       kernel_choice: str = 'auto', precision: str = 'auto') -> str:
   """The StableHLO text of the evaluation forward (flip test) exported for `platforms`."""
-  config = _config(variant, kernel_choice)
+  config = _config(variant, kernel_choice, precision)
   graphdef, state = forward.eval_copy(models.build(config.model, abstract=True))
   h, w = config.model.image_size
   images = jax.ShapeDtypeStruct((BATCH, h, w, 3), jnp.uint8)
@@ -102,3 +110,32 @@ def test_cpu_training_step_takes_the_cpu_kernel_gradients():
   reference_convolutions, reference_dots = _counts(
       lower_train_step('tp_r_a3', ('cpu',), 'reference'))
   assert convolutions < reference_convolutions and dots > reference_dots
+
+
+def _precisions(module_text: str) -> list[str]:
+  """The precision of every convolution and matrix product ('' where none is set)."""
+  found = []
+  for line in module_text.splitlines():
+    if re.search(r'= stablehlo\.(convolution|dot_general)\b', line):
+      match = re.search(r'precision(?:_config)? = \[(?:#stablehlo<precision )?(\w+)', line)
+      found.append(match.group(1) if match else '')
+  return found
+
+
+@pytest.mark.parametrize('variant', ['tp_r_a3', 'tp_h_a4'])
+def test_evaluation_runs_every_product_at_highest_precision(variant):
+  precisions = _precisions(lower_eval_forward(variant, ('cuda',)))
+  assert precisions and set(precisions) == {'HIGHEST'}
+
+
+@pytest.mark.parametrize('precision, expected', [('auto', ''), ('default', ''),
+                                                 ('highest', 'HIGHEST'), ('high', 'HIGH')])
+def test_training_step_runs_products_at_the_configured_precision(precision, expected):
+  """'auto' trains at XLA's default: no precision on any op, as before the setting."""
+  precisions = _precisions(lower_train_step('tp_r_a3', ('cuda',), precision=precision))
+  assert precisions and set(precisions) == {expected}
+
+
+def test_evaluation_precision_follows_the_config():
+  precisions = _precisions(lower_eval_forward('tp_r_a3', ('cuda',), precision='default'))
+  assert precisions and set(precisions) == {''}

@@ -1,5 +1,5 @@
 """The CPU kernels compute what the reference kernels compute, and 'auto'
-picks them by the platform being lowered for.
+picks them by the platform being lowered for; the precision setting.
 
 Op by op, values and gradients (`kernels.cpu` against `kernels.reference`),
 the max-pool gradient against PyTorch's (first maximum of each window), and
@@ -20,6 +20,7 @@ import torch
 from flax import nnx
 
 from tests import tiny_models
+from transpose_jax import config_schema
 from transpose_jax import kernels
 from transpose_jax import models
 from transpose_jax.kernels import cpu
@@ -53,6 +54,31 @@ def test_auto_picks_cpu_kernels_for_the_cpu_only():
     assert kernels.resolve('cpu', platform) is kernels.CPU
   with pytest.raises(ValueError, match='config.model.kernels'):
     kernels.resolve('fast', 'cpu')
+
+
+
+def test_precision_setting_names_the_matmul_precision():
+  assert kernels.matmul_precision('auto', training=False) == 'highest'
+  assert kernels.matmul_precision('auto', training=True) is None
+  for training in (False, True):
+    assert kernels.matmul_precision('default', training=training) is None
+    assert kernels.matmul_precision('highest', training=training) == 'highest'
+    assert kernels.matmul_precision('high', training=training) == 'high'
+  with pytest.raises(ValueError, match='config.model.precision'):
+    kernels.matmul_precision('float32', training=False)
+  with kernels.precision('auto', training=False):
+    assert jax.config.jax_default_matmul_precision == 'highest'
+  with kernels.precision('auto', training=True):
+    assert jax.config.jax_default_matmul_precision is None
+
+
+def test_config_checks_the_precision_domain():
+  config = config_schema.defaults()
+  assert config.model.precision == 'auto'
+  config_schema.check_model(config.model)
+  config.model.precision = 'tf32'
+  with pytest.raises(config_schema.ConfigError, match='config.model.precision'):
+    config_schema.check_model(config.model)
 
 
 def test_lowering_for_sets_the_platform_auto_resolves_for():

@@ -23,6 +23,15 @@ host gets the reference kernels, and a CPU run gets the CPU ones.
 A jitted function whose trace depends on the choice must be keyed by the
 platform (a static argument or a closure), as the model's own compiled
 forward and the training step are.
+
+`config.model.precision` sets the precision of every float32 convolution and
+matrix product traced inside `precision(setting, training=...)`: 'highest'
+(full float32, what CPU parity is measured at), 'high' (three bfloat16
+passes on TPU, TensorFloat-32 where the GPU has it), 'default' (XLA's
+fastest: TF32 on recent NVIDIA GPUs, one bfloat16 pass on TPU), or 'auto'
+(default): 'highest' for evaluation and inference, so an accelerator scores
+the weights as the official float32 evaluation does, and 'default' for
+training.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from transpose_jax.kernels import cpu
 from transpose_jax.kernels import reference
 
 CHOICES = ('auto', 'reference', 'cpu')
+PRECISIONS = ('auto', 'highest', 'high', 'default')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,3 +110,33 @@ def resolve(choice: str, platform: str) -> Kernels:
 def select(choice: str) -> Kernels:
   """`resolve(choice, current_platform())`: what a layer calls while traced."""
   return resolve(choice, current_platform())
+
+
+def matmul_precision(setting: str, *, training: bool) -> str | None:
+  """The `jax.default_matmul_precision` name `setting` (one of PRECISIONS)
+  means for a training or an evaluation computation; None for XLA's default."""
+  if setting not in PRECISIONS:
+    raise ValueError(f'config.model.precision={setting!r}: expected one of {PRECISIONS}')
+  if setting == 'auto':
+    setting = 'default' if training else 'highest'
+  return None if setting == 'default' else setting
+
+
+@contextlib.contextmanager
+def precision(setting: str, *, training: bool) -> Iterator[None]:
+  """Convolutions and matrix products traced inside run at `setting`'s precision.
+
+  One scope around the trace rather than a `precision=` argument on each op:
+  the products are not all the kernel sets' (Flax's `nnx.Linear`, the
+  attention input projection), and autodiff's transposes and the custom
+  gradients' backward passes are traced later, inside the same scope. JAX
+  keys its jit cache by this setting. 'default' sets nothing, so the traced
+  program is exactly the one without the setting; an op given its own
+  `precision` (e.g. `jax.image.resize`) keeps it.
+  """
+  name = matmul_precision(setting, training=training)
+  if name is None:
+    yield
+    return
+  with jax.default_matmul_precision(name):
+    yield

@@ -253,9 +253,12 @@ def make_train_step(model: Model, tx: optax.GradientTransformation, mesh,
   Traced for `platform` (default: the mesh's), which picks the kernels of
   `config.model.kernels='auto'`; pass the target platform when lowering
   ahead of time for another one (e.g. 'cuda' or 'tpu' from a CPU host).
+  Products run at the training precision of the model's
+  `config.model.precision` (XLA's default for 'auto').
   """
   graphdef = model.graphdef
   platform = platform or kernels.platform_of(mesh)
+  precision = model.merge().precision
   if sync_batchnorm:
     fwd_bwd = lambda p, r, b, k: _forward_backward(graphdef, p, r, b, k)
   else:
@@ -263,7 +266,7 @@ def make_train_step(model: Model, tx: optax.GradientTransformation, mesh,
 
   def step_fn(state, batch, base_key):
     key = _dropout_key(base_key, state['step'])
-    with kernels.lowering_for(platform):
+    with kernels.lowering_for(platform), kernels.precision(precision, training=True):
       loss, grads, new_rest = fwd_bwd(state['params'], state['rest'], batch, key)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
