@@ -36,6 +36,7 @@ CHOICES = {
     'model.pos_embedding': ('sine', 'learnable', 'none'),
     'model.compute_dtype': tuple(COMPUTE_DTYPES),
     'model.kernels': kernels.CHOICES,
+    'model.precision': kernels.PRECISIONS,
     'model.final_conv_kernel': (1, 3),
     'data.dataset': ('coco', 'mpii'),
     'data.source': ('files', 'tfds'),
@@ -72,6 +73,9 @@ def defaults() -> ml_collections.ConfigDict:
   m.compute_dtype = 'float32'     # 'bfloat16': bf16 compute, f32 params/BN stats/loss
   m.kernels = 'auto'              # 'auto' (CPU kernels for CPU computations, reference ones
                                   # elsewhere) | 'reference' | 'cpu' (transpose_jax.kernels)
+  m.precision = 'auto'            # float32 convolutions/matmuls: 'auto' ('highest' to evaluate
+                                  # and infer, 'default' to train) | 'highest' | 'high' |
+                                  # 'default' (XLA's: TF32 on GPU, bf16 passes on TPU)
   # ResNet-S: ResNet-50 stem + layer1 + layer2 (stride 8).
   m.resnet = ml_collections.ConfigDict()
   m.resnet.layers = (3, 4)        # Bottlenecks in layer1, layer2

@@ -193,6 +193,7 @@ def _peak_model(num_joints, heatmap_size):
 
     def __init__(self):
       self.maps = nnx.Param(jnp.asarray(maps))
+      self.precision = 'auto'  # read by the eval forward, as TransPose's
 
     def __call__(self, x):
       return jnp.broadcast_to(self.maps[...], (x.shape[0],) + maps.shape)

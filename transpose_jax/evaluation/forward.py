@@ -46,10 +46,12 @@ def eval_forward(graphdef, state, images, *, flip_pairs, flip_test: bool,
 
   `attention`: None, 'mean' ([layers, N, L, L]) or 'heads' ([layers, N,
   heads, L, L]); `platform` ('cpu', 'gpu', 'tpu') picks the kernels of
-  `config.model.kernels='auto'` and keys the compiled program.
+  `config.model.kernels='auto'` and keys the compiled program. Products run
+  at the evaluation precision of `config.model.precision` ('highest' for
+  'auto'), so an accelerator computes the float32 evaluation.
   """
-  with kernels.lowering_for(platform):
-    model = nnx.merge(graphdef, state)
+  model = nnx.merge(graphdef, state)
+  with kernels.lowering_for(platform), kernels.precision(model.precision, training=False):
     x = models.normalize_images(images)
     out = model.intermediates(x, attention=attention, features=False)
     heatmaps = out['heatmaps']

@@ -23,6 +23,21 @@ host gets the reference kernels, and a CPU run gets the CPU ones.
 A jitted function whose trace depends on the choice must be keyed by the
 platform (a static argument or a closure), as the model's own compiled
 forward and the training step are.
+
+`config.model.precision` sets the precision of every float32 convolution and
+matrix product traced inside `precision(setting, training=...)`: 'highest'
+(full float32, what CPU parity is measured at), 'high' (three bfloat16
+passes on TPU, TensorFloat-32 where the GPU has it), 'default' (XLA's
+fastest: TF32 on recent NVIDIA GPUs, one bfloat16 pass on TPU), or 'auto'
+(default): 'highest' for evaluation and inference, so an accelerator scores
+the weights as the official float32 evaluation does, and 'default' for
+training.
+
+A training step over a batch sharded on several devices with synchronised
+BatchNorm says so with `batch_sharded_over(mesh, axis)`: `select` then gives
+its BatchNorm `kernels.sharded`'s form (two collectives a layer instead of
+the partitioner's one per reduction). Decided from the mesh, never from the
+backend, so a one-device program is what it was.
 """
 
 from __future__ import annotations
@@ -30,14 +45,17 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 from typing import Callable, Iterator
 
 import jax
 
 from transpose_jax.kernels import cpu
 from transpose_jax.kernels import reference
+from transpose_jax.kernels import sharded
 
 CHOICES = ('auto', 'reference', 'cpu')
+PRECISIONS = ('auto', 'highest', 'high', 'default')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +80,7 @@ CPU = Kernels(
     deconv4x4=cpu.deconv4x4, attention=cpu.attention)
 
 _TARGET = contextvars.ContextVar('transpose_jax_lowering_platform', default=None)
+_SHARDED_BATCH = contextvars.ContextVar('transpose_jax_sharded_batch', default=None)
 
 
 def platform_of(devices) -> str:
@@ -97,6 +116,56 @@ def resolve(choice: str, platform: str) -> Kernels:
   raise ValueError(f'config.model.kernels={choice!r}: expected one of {CHOICES}')
 
 
+@contextlib.contextmanager
+def batch_sharded_over(mesh, axis: str) -> Iterator[None]:
+  """Training BatchNorm traced inside reduces a batch sharded on `axis` of
+  `mesh` (None: not sharded) with `kernels.sharded`'s collectives, when that
+  axis has more than one device."""
+  sharded_batch = (mesh, axis) if mesh is not None and mesh.shape[axis] > 1 else None
+  token = _SHARDED_BATCH.set(sharded_batch)
+  try:
+    yield
+  finally:
+    _SHARDED_BATCH.reset(token)
+
+
 def select(choice: str) -> Kernels:
-  """`resolve(choice, current_platform())`: what a layer calls while traced."""
-  return resolve(choice, current_platform())
+  """`resolve(choice, current_platform())`, with the sharded BatchNorm inside
+  `batch_sharded_over`: what a layer calls while traced."""
+  ops = resolve(choice, current_platform())
+  sharded_batch = _SHARDED_BATCH.get()
+  if sharded_batch is None:
+    return ops
+  mesh, axis = sharded_batch
+  return dataclasses.replace(
+      ops, batch_norm_train=functools.partial(sharded.batch_norm_train, mesh=mesh, axis=axis))
+
+
+def matmul_precision(setting: str, *, training: bool) -> str | None:
+  """The `jax.default_matmul_precision` name `setting` (one of PRECISIONS)
+  means for a training or an evaluation computation; None for XLA's default."""
+  if setting not in PRECISIONS:
+    raise ValueError(f'config.model.precision={setting!r}: expected one of {PRECISIONS}')
+  if setting == 'auto':
+    setting = 'default' if training else 'highest'
+  return None if setting == 'default' else setting
+
+
+@contextlib.contextmanager
+def precision(setting: str, *, training: bool) -> Iterator[None]:
+  """Convolutions and matrix products traced inside run at `setting`'s precision.
+
+  One scope around the trace rather than a `precision=` argument on each op:
+  the products are not all the kernel sets' (Flax's `nnx.Linear`, the
+  attention input projection), and autodiff's transposes and the custom
+  gradients' backward passes are traced later, inside the same scope. JAX
+  keys its jit cache by this setting. 'default' sets nothing, so the traced
+  program is exactly the one without the setting; an op given its own
+  `precision` (e.g. `jax.image.resize`) keeps it.
+  """
+  name = matmul_precision(setting, training=training)
+  if name is None:
+    yield
+    return
+  with jax.default_matmul_precision(name):
+    yield

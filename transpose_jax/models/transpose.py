@@ -44,6 +44,7 @@ class TransPose(nnx.Module):
     self.head = c.head
     self.dtype = dtype
     self.kernels = kernels
+    self.precision = c.precision
     if c.name == 'transpose_r':
       self.backbone = resnet.ResNetS(layers_per_stage=tuple(c.resnet.layers), width=c.resnet.width,
                                      dtype=dtype, kernels=kernels, rngs=rngs)
@@ -96,7 +97,8 @@ class TransPose(nnx.Module):
     row-major order of the feature map. Nothing is computed for it otherwise.
 
     Called on concrete arrays (outside jit) the forward runs as one compiled
-    program (cached per input shape and platform) instead of op by op.
+    program (cached per input shape and platform) instead of op by op, at
+    the inference precision of `config.model.precision`.
     """
     mode = ('heads' if attention_per_head else 'mean') if return_attention else None
     out = self.intermediates(images, attention=mode, features=False)
@@ -125,11 +127,11 @@ class TransPose(nnx.Module):
 
 @nnx.jit(static_argnums=(2, 3, 4))
 def _compiled_forward(model: TransPose, images, attention, features, platform):
-  with kernels_lib.lowering_for(platform):
+  with kernels_lib.lowering_for(platform), kernels_lib.precision(model.precision, training=False):
     return model.intermediates(images, attention=attention, features=features)
 
 
 @nnx.jit(static_argnums=(2,))
 def _compiled_features(model: TransPose, images, platform):
-  with kernels_lib.lowering_for(platform):
+  with kernels_lib.lowering_for(platform), kernels_lib.precision(model.precision, training=False):
     return model.features(images)

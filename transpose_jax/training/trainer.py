@@ -12,8 +12,9 @@
   sharding    parameters replicated, or FSDP over 'data'; batch on 'data';
   update step forward, JointsMSELoss in float32, gradient, optimizer update;
               BatchNorm statistics over the global batch (one jit over the
-              sharded batch) or per device (`shard_map`, as the official
-              DataParallel training had); traced for the platform of the
+              sharded batch; over several devices, two collectives per
+              layer, `kernels.sharded`) or per device (`shard_map`, as the
+              official DataParallel training had); traced for the platform of the
               mesh, which picks the kernels of `config.model.kernels='auto'`;
   checkpoint  an orbax CheckpointManager in `workdir/checkpoints`: the model
               (`checkpoints.store`'s items, so eval.py reads a training
@@ -257,9 +258,15 @@ def make_train_step(model: Model, tx: optax.GradientTransformation, mesh,
   Traced for `platform` (default: the mesh's), which picks the kernels of
   `config.model.kernels='auto'`; pass the target platform when lowering
   ahead of time for another one (e.g. 'cuda' or 'tpu' from a CPU host).
+  Products run at the training precision of the model's
+  `config.model.precision` (XLA's default for 'auto'); synchronised
+  BatchNorm over more than one device takes `kernels.sharded`'s collectives.
   """
   graphdef = model.graphdef
   platform = platform or kernels.platform_of(mesh)
+  precision = model.merge().precision
+  # Per-device statistics are local to each shard_map body: nothing to fuse.
+  bn_mesh = mesh if sync_batchnorm else None
   if sync_batchnorm:
     fwd_bwd = lambda p, r, b, k: _forward_backward(graphdef, p, r, b, k)
   else:
@@ -267,7 +274,8 @@ def make_train_step(model: Model, tx: optax.GradientTransformation, mesh,
 
   def step_fn(state, batch, base_key):
     key = _dropout_key(base_key, state['step'])
-    with kernels.lowering_for(platform):
+    with (kernels.lowering_for(platform), kernels.precision(precision, training=True),
+          kernels.batch_sharded_over(bn_mesh, sharding.DATA_AXIS)):
       loss, grads, new_rest = fwd_bwd(state['params'], state['rest'], batch, key)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
