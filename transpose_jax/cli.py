@@ -54,7 +54,8 @@ def config_flag(default_config: str, what: str = 'Config', *, from_checkpoint: b
   reads the command line when the flag is defined to decide whether to load
   the default file.
   """
-  help_text = f'{what} file (configs/*.py).'
+  help_text = f'{what} file (configs/*.py, or a variant name such as tp_h_a4).'
+  sys.argv[1:] = with_config_names(sys.argv)[1:]
   if from_checkpoint:
     sys.argv[1:] = with_checkpoint_config(sys.argv)[1:]
     help_text += ' Default with --checkpoint: the checkpoint\'s own variant.'
@@ -141,15 +142,42 @@ def check_command_line(argv: Sequence[str], *, default_config: str) -> None:
     config_schema.load_file(spec)  # an unrecognised checkpoint: one line, before absl
 
 
+def with_config_names(argv: Sequence[str]) -> list[str]:
+  """argv with `--config=<variant>` (a bare name such as tp_h_a4) turned into
+  the path of that config file in the package: installed, the repository's
+  configs/ folder is not at hand."""
+  argv = list(argv)
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      name, colon, rest = arg[len('--config='):].partition(':')
+      if name and os.sep not in name and not name.endswith('.py') and os.path.isfile(
+          config_path(name)):
+        argv[i] = f'--config={config_path(name)}{colon}{rest}'
+  return argv
+
+
+def _help_text(doc: str, usual_keys: Sequence[str]) -> str:
+  if not usual_keys:
+    return doc
+  keys = '\n'.join(f'  --config.{key}=...' for key in usual_keys)
+  return (f'{doc.rstrip()}\n\nConfig keys usually set (any field of the config file can be '
+          f'set as --config.<key>=<value>):\n{keys}\n')
+
+
 def run(main: Callable[[list[str]], int | None], *, default_config: str | None = None,
-        errors: tuple[type[Exception], ...] = (), argv: Sequence[str] | None = None) -> None:
+        errors: tuple[type[Exception], ...] = (), argv: Sequence[str] | None = None,
+        doc: str | None = None, usual_keys: Sequence[str] = ()) -> None:
   """Starts a CLI: XLA:CPU setting, pre-parse checks (with `default_config`,
   the tool's --config default), quiet library logs, then `main` under absl's
-  app.run, with `errors` reported as one `error:` line."""
+  app.run, with `errors` reported as one `error:` line. `doc` (the tool's
+  docstring) and the config keys users usually set are what --help prints
+  first, also when the tool runs as an installed command."""
   argv = list(sys.argv if argv is None else argv)
   xla_cpu.configure()
+  if doc is not None:
+    sys.modules['__main__'].__doc__ = _help_text(doc, usual_keys)
   if default_config is not None:
-    argv = with_checkpoint_config(argv)
+    argv = with_checkpoint_config(with_config_names(argv))
     try:
       check_command_line(argv, default_config=default_config)
     except (config_schema.ConfigError, FileNotFoundError, ValueError) as e:

@@ -53,5 +53,10 @@ def main(argv) -> None:
   print(f'wrote {written} ({config.variant}, from {_CHECKPOINT.value})')
 
 
+def run() -> None:
+  """The `transpose-convert` command."""
+  cli.run(main, doc=__doc__, errors=(ValueError, FileNotFoundError, FileExistsError))
+
+
 if __name__ == '__main__':
-  cli.run(main, errors=(ValueError, FileNotFoundError, FileExistsError))
+  run()

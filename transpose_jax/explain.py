@@ -73,5 +73,11 @@ def main(argv) -> None:
         f'(layers {result["layers"]}) -> {result["output"]}')
 
 
+def run() -> None:
+  """The `transpose-explain` command."""
+  cli.run(main, default_config=DEFAULT_CONFIG, doc=__doc__, usual_keys=('data.keypoints_file',),
+          errors=(FileNotFoundError, ValueError, OSError))
+
+
 if __name__ == '__main__':
-  cli.run(main, default_config=DEFAULT_CONFIG, errors=(FileNotFoundError, ValueError, OSError))
+  run()

@@ -45,7 +45,7 @@ def main(argv) -> None:
 
 def run() -> None:
   """The `transpose-export` command."""
-  cli.run(main, errors=(ValueError, FileNotFoundError))
+  cli.run(main, doc=__doc__, errors=(ValueError, FileNotFoundError))
 
 
 if __name__ == '__main__':

@@ -55,5 +55,11 @@ def main(argv) -> None:
         f'{os.path.join(_OUTPUT.value, predict.IMAGES_FILE)}; pictures: *_pose.jpg)')
 
 
+def run() -> None:
+  """The `transpose-predict` command."""
+  cli.run(main, default_config=DEFAULT_CONFIG, doc=__doc__, usual_keys=('eval.flip_test', 'eval.batch_size', 'data.keypoints_file'),
+          errors=(FileNotFoundError, ValueError, OSError))
+
+
 if __name__ == '__main__':
-  cli.run(main, default_config=DEFAULT_CONFIG, errors=(FileNotFoundError, ValueError, OSError))
+  run()

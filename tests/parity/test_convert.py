@@ -1,6 +1,7 @@
 """The official-checkpoint converter against outputs of the official PyTorch code."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -181,3 +182,19 @@ def test_cli_refuses_a_wrong_config_and_writes_nothing(tmp_path, reference_dir):
   assert result.returncode == 2
   assert 'missing in the checkpoint' in result.stderr
   assert not (tmp_path / 'out').exists()
+
+
+def test_pth_without_pytorch_is_one_line_saying_what_to_install(reference_dir, tmp_path):
+  """torch is optional: without it a .pth path fails with one error line."""
+  blocker = tmp_path / 'no_torch'
+  (blocker / 'torch').mkdir(parents=True)
+  (blocker / 'torch' / '__init__.py').write_text('raise ImportError("no torch here")\n')
+  root = PROJECT_ROOT
+  proc = subprocess.run(
+      [sys.executable, '-m', 'transpose_jax.convert',
+       f'--checkpoint={reference_dir / "tp_r_a3" / "state_dict.pth"}', f'--output={tmp_path / "o"}'],
+      cwd=root, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, PYTHONPATH=f'{blocker}{os.pathsep}{root}', JAX_PLATFORMS='cpu'))
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+  assert 'needs PyTorch' in proc.stderr and 'pip install torch' in proc.stderr
+  assert not (tmp_path / 'o').exists()

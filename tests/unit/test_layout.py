@@ -29,7 +29,7 @@ from tests.conftest import PROJECT_ROOT
 PACKAGE_DIRS = {'transpose_jax': 'transpose_jax',
                 'input_pipeline': 'transpose_jax.input_pipeline',
                 'configs': 'transpose_jax.configs'}
-OPTIONAL = {'torch'}
+OPTIONAL = {'torch', 'jax2onnx'}  # .pth files; ONNX export (installed without its deps)
 # Lower layers never import higher ones (module-name prefixes, low to high).
 LAYERS = (
     ('transpose_jax.keypoints', 'transpose_jax.kernels', 'transpose_jax.config_schema',
@@ -40,6 +40,7 @@ LAYERS = (
     ('transpose_jax.inference', 'transpose_jax.training'),
 )
 CLI_MODULES = {'transpose_jax.cli', 'transpose_jax.convert', 'transpose_jax.export',
+               'transpose_jax.train', 'transpose_jax.eval',
                'transpose_jax.predict', 'transpose_jax.explain', 'transpose_jax.demo',
                'transpose_jax.synthetic'}
 
@@ -166,3 +167,20 @@ def test_the_wheel_holds_one_top_level_package(tmp_path):
   assert tops == {'transpose_jax'}
   assert 'transpose_jax/input_pipeline/pipeline.py' in names
   assert 'transpose_jax/configs/tp_h_a4.py' in names
+
+
+def _requirement_lines(path: pathlib.Path) -> list[str]:
+  return [line.strip() for line in path.read_text().splitlines()
+          if line.strip() and not line.startswith(('#', '-'))]
+
+
+def test_pyproject_declares_the_requirements():
+  """`pip install .` installs what requirements.txt does (torch stays optional)."""
+  project = tomllib.loads((PROJECT_ROOT / 'pyproject.toml').read_text())['project']
+  assert project['dependencies'] == _requirement_lines(PROJECT_ROOT / 'requirements.txt')
+  assert not any(d.startswith('torch') for d in project['dependencies'])
+  scripts = project['scripts']
+  for command in ('train', 'eval', 'predict', 'explain', 'convert', 'export'):
+    module, _, function = scripts[f'transpose-{command}'].partition(':')
+    assert module == f'transpose_jax.{command}' and function == 'run'
+    assert module in CLI_MODULES

@@ -148,13 +148,24 @@ class CheckpointFileError(ValueError):
   """A file that is not a readable PyTorch state_dict."""
 
 
+def torch_module(needed_for: str):
+  """PyTorch, imported on first need: only `.pth` files need it, so it is
+  not a dependency; without it, one error line says what to install."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top  # optional: only .pth files need it
+  except ImportError as e:
+    raise CheckpointFileError(f'{needed_for} needs PyTorch, which is not installed: pip install '
+                              'torch (the CPU build is enough)') from e
+  return torch
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Tensors of a PyTorch checkpoint file as numpy arrays ('module.' prefixes removed).
 
   Loads with `weights_only=True`: no code in the file runs. Accepts a plain
   state_dict or a training checkpoint holding one under 'state_dict'.
   """
-  import torch  # pylint: disable=g-import-not-at-top  # optional: only .pth files need it
+  torch = torch_module(f'{path}: reading a .pth file')
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f'checkpoint file not found: {path}')

@@ -36,7 +36,6 @@ from typing import Callable, Iterator
 import jax
 from jax import export as jax_export
 import jax.numpy as jnp
-from jax2onnx import to_onnx
 import onnx
 from flax import nnx
 
@@ -122,6 +121,12 @@ def export_onnx(model: nnx.Module, model_config) -> onnx.ModelProto:
     raise ValueError("--format=onnx: the bilinear head (config.model.head='bilinear') has no "
                      'dynamic-batch ONNX conversion (jax2onnx converts jax.image.resize with '
                      'static shapes only); --format=stablehlo exports it')
+  try:
+    from jax2onnx import to_onnx  # pylint: disable=g-import-not-at-top  # optional: ONNX only
+  except ImportError as e:
+    raise ValueError('ONNX export needs jax2onnx: pip install --no-deps -r '
+                     'requirements-export.txt (or pip install --no-deps "jax2onnx>=0.17.1,<0.18")'
+                     ) from e
   with _quiet_converter():
     return to_onnx(channels_first_forward(model), [_input_shape(model_config)],
                    model_name='transpose', opset=ONNX_OPSET, input_names=[INPUT_NAME],
@@ -130,7 +135,7 @@ def export_onnx(model: nnx.Module, model_config) -> onnx.ModelProto:
 
 def official_state_dict(model: nnx.Module) -> dict:
   """The official `state_dict` as torch tensors (what `torch.save` writes)."""
-  import torch  # pylint: disable=g-import-not-at-top  # optional: only .pth files need it
+  torch = official.torch_module('writing a .pth file')
   return {key: torch.from_numpy(value) for key, value in official.to_official(model).items()}
 
 
@@ -148,7 +153,7 @@ def write(model: nnx.Module, config, fmt: str, output: str | os.PathLike) -> pat
     raise ValueError(f'--format={fmt}: expected one of {", ".join(FORMATS)}')
   output = check_output(output)
   if fmt == 'pth':
-    import torch  # pylint: disable=g-import-not-at-top  # optional: only .pth files need it
+    torch = official.torch_module('writing a .pth file')
     state_dict = official_state_dict(model)
     save = lambda path: torch.save(state_dict, path)
   else:
