@@ -143,6 +143,7 @@ def _peak_model(heatmap_size):
 
     def __init__(self):
       self.maps = nnx.Param(jnp.asarray(maps))
+      self.precision = 'auto'  # what eval_forward reads of a TransPose
 
     def __call__(self, x):
       return jnp.broadcast_to(self.maps[...], (x.shape[0],) + maps.shape)
