@@ -43,31 +43,15 @@ def count(hlo_text: str, stablehlo: bool) -> dict[str, int]:
 def lowered_step(variant: str, platform: str, sync_batchnorm: bool):
   """(the jitted step, its abstract arguments) for every device, one image each."""
   import jax  # pylint: disable=g-import-not-at-top  # after XLA_FLAGS
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from transpose_jax import models, sharding  # pylint: disable=g-import-not-at-top
+  from transpose_jax import sharding  # pylint: disable=g-import-not-at-top
   from transpose_jax.checkpoints import official  # pylint: disable=g-import-not-at-top
-  from transpose_jax.training import optim, trainer  # pylint: disable=g-import-not-at-top
+  from transpose_jax.training import trainer  # pylint: disable=g-import-not-at-top
   n = jax.device_count()
   config = official.variant_config(variant)
   config.batch_size = n
   mesh = sharding.make_mesh(jax.devices())
-  model = trainer.split_model(models.build(config.model, abstract=True))
-  tx, _ = optim.make_optimizer(config, 10, model.params)
-  state = dict(params=model.params, rest=model.rest,
-               opt_state=jax.eval_shape(tx.init, model.params),
-               step=jax.ShapeDtypeStruct((), jnp.int32))
-  shardings = trainer.train_state_shardings(state, mesh, config.fsdp)
-  step = trainer.make_train_step(model, tx, mesh, shardings, sync_batchnorm, platform=platform)
-  placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        state, shardings)
-  (h, w), (hh, hw), k = (config.model.image_size, config.model.heatmap_size,
-                         config.model.num_joints)
-  on_batch = sharding.batch_sharding(mesh)
-  batch = {'image': jax.ShapeDtypeStruct((n, h, w, 3), jnp.uint8, sharding=on_batch),
-           'target': jax.ShapeDtypeStruct((n, hh, hw, k), jnp.float32, sharding=on_batch),
-           'target_weight': jax.ShapeDtypeStruct((n, k), jnp.float32, sharding=on_batch)}
-  key = jax.eval_shape(lambda: jax.random.key(0, impl=config.dropout_rng))
-  return step, (placed, batch, key)
+  return trainer.abstract_train_step(config, mesh, platform=platform,
+                                     sync_batchnorm=sync_batchnorm)
 
 
 def collectives(variant: str, platform: str, sync_batchnorm: bool,

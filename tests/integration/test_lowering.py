@@ -37,7 +37,6 @@ from transpose_jax import sharding
 from transpose_jax.checkpoints import official
 from transpose_jax.evaluation import forward
 from transpose_jax.models import layers
-from transpose_jax.training import optim
 from transpose_jax.training import trainer
 
 ACCELERATORS = ('cuda', 'tpu')
@@ -53,32 +52,13 @@ def _config(variant: str, kernel_choice: str, precision: str = 'auto'):
   return config
 
 
-def _placed(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
-
-
 def lower_train_step(variant: str, platforms: tuple[str, ...], kernel_choice: str = 'auto',
                      precision: str = 'auto') -> str:
   """The StableHLO text of the training step exported for `platforms`."""
   config = _config(variant, kernel_choice, precision)
   mesh = sharding.make_mesh(jax.devices()[:1])
-  model = trainer.split_model(models.build(config.model, abstract=True))
-  tx, _ = optim.make_optimizer(config, 10, model.params)
-  state = dict(params=model.params, rest=model.rest,
-               opt_state=jax.eval_shape(tx.init, model.params),
-               step=jax.ShapeDtypeStruct((), jnp.int32))
-  shardings = trainer.train_state_shardings(state, mesh, config.fsdp)
-  step = trainer.make_train_step(model, tx, mesh, shardings, config.sync_batchnorm,
-                                 platform=platforms[0])
-  (h, w), (hh, hw), k = (config.model.image_size, config.model.heatmap_size,
-                         config.model.num_joints)
-  on_batch = sharding.batch_sharding(mesh)
-  batch = {'image': jax.ShapeDtypeStruct((BATCH, h, w, 3), jnp.uint8, sharding=on_batch),
-           'target': jax.ShapeDtypeStruct((BATCH, hh, hw, k), jnp.float32, sharding=on_batch),
-           'target_weight': jax.ShapeDtypeStruct((BATCH, k), jnp.float32, sharding=on_batch)}
-  key = jax.eval_shape(lambda: jax.random.key(0, impl=config.dropout_rng))
-  exported = export.export(step, platforms=platforms)(_placed(state, shardings), batch, key)
+  step, args = trainer.abstract_train_step(config, mesh, platform=platforms[0])
+  exported = export.export(step, platforms=platforms)(*args)
   return exported.mlir_module()
 
 

@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests import tiny_models
 from transpose_jax import keypoints
 from transpose_jax.checkpoints import store
 from transpose_jax.configs import tp_r_a3
@@ -180,31 +181,6 @@ def test_cli_unknown_config_key(tmp_path):
   assert proc.returncode != 0 and 'rooot' in proc.stderr
 
 
-def _peak_model(num_joints, heatmap_size):
-  """Stand-in for a 16-joint model: a fixed Gaussian peak per joint."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  h, w = heatmap_size
-  yy, xx = np.mgrid[:h, :w]
-  maps = np.stack([np.exp(-((xx - 10 - j) ** 2 + (yy - 20 - j) ** 2) / 8.0)
-                   for j in range(num_joints)], -1).astype(np.float32)
-
-  class PeakModel(nnx.Module):
-
-    def __init__(self):
-      self.maps = nnx.Param(jnp.asarray(maps))
-      self.precision = 'auto'  # read by the eval forward, as TransPose's
-
-    def __call__(self, x):
-      return jnp.broadcast_to(self.maps[...], (x.shape[0],) + maps.shape)
-
-    def intermediates(self, x, *, attention=None, features=False):
-      del attention, features
-      return {'heatmaps': self(x), 'attention': None}
-
-  return PeakModel()
-
-
 def test_mpii_loop_writes_official_files(data_dir, tmp_path):
   sample = data_dir / 'mpii_sample'
   root = tmp_path / 'mpii'
@@ -222,7 +198,8 @@ def test_mpii_loop_writes_official_files(data_dir, tmp_path):
   config = _config(root, dataset='mpii', val_split='valid')
   config.model.num_joints = 16
   split = splits.build_split(config, train=False)
-  model = _peak_model(16, config.model.heatmap_size)
+  model = tiny_models.PeakModel([(10 + j, 20 + j) for j in range(16)],
+                                config.model.heatmap_size, spread=8.0)
   out_dir = tmp_path / 'out'
   metrics = evaluate.evaluate(model, config, split, workdir=out_dir)
   assert list(metrics) == ['Head', 'Shoulder', 'Elbow', 'Wrist', 'Hip',

@@ -371,21 +371,28 @@ def test_bad_images(lib, data_dir, tmp_path, caplog):
   # In training, the bad record (found only when the region is decoded,
   # after the augmentation draws) is replaced by the next one with the same
   # draws.
-  config = config_schema.defaults()
-  split = datasets.load_coco(None, 'x', is_train=True,
-                             annotation_file=str(folder / 'test_coco.json'),
-                             image_dir=str(folder))
-  spec = pipeline.crop_spec(config, split)
-  table = pipeline.RecordTable(split)
+  table, spec = _train_table(folder)
   paths = table.image_paths
   bad = next(i for i in range(len(paths) - 1) if paths[i] != paths[i + 1])
   pathlib.Path(paths[bad]).write_bytes(cases['bad_scan'])
-  sample = pipeline.TrainSample(table, spec, False)
+  _check_replaced_by_next(table, spec, bad, caplog, pathlib.Path(paths[bad]).name)
+
+
+def _train_table(folder):
+  """(RecordTable, CropSpec) of the COCO sample copied to `folder`."""
+  split = datasets.load_coco(None, 'x', is_train=True,
+                             annotation_file=str(folder / 'test_coco.json'),
+                             image_dir=str(folder))
+  return pipeline.RecordTable(split), pipeline.crop_spec(config_schema.defaults(), split)
+
+
+def _check_replaced_by_next(table, spec, bad, caplog, named):
+  """Training sample `bad` is record bad + 1 with the same draws, counted
+  once and warned about with `named` in the message."""
   before = images.bad_sample_count()
   with caplog.at_level('WARNING'):
-    got = sample(bad, np.random.default_rng(5))
-  assert images.bad_sample_count() - before == 1
-  assert pathlib.Path(paths[bad]).name in caplog.text
+    got = pipeline.TrainSample(table, spec, False)(bad, np.random.default_rng(5))
+  assert images.bad_sample_count() - before == 1 and named in caplog.text
   want = _reference_sample(table, spec, bad + 1, np.random.default_rng(5))
   for k in want:
     np.testing.assert_array_equal(got[k], want[k])
@@ -456,21 +463,9 @@ def test_corrupt_jpeg_data_is_a_bad_image(lib, jpeg_files, data_dir, tmp_path, c
   assert pipeline.load_source(table, 0, allow_corrupt=True) is not None
 
   # Training replaces the record by the next one (same draws) and counts it.
-  config = config_schema.defaults()
-  split = datasets.load_coco(None, 'x', is_train=True,
-                             annotation_file=str(folder / 'test_coco.json'),
-                             image_dir=str(folder))
-  spec = pipeline.crop_spec(config, split)
-  table = pipeline.RecordTable(split)
+  table, spec = _train_table(folder)
   bad = table.image_paths.index(str(path))
-  sample = pipeline.TrainSample(table, spec, False)
-  before = images.bad_sample_count()
-  with caplog.at_level('WARNING'):
-    got = sample(bad, np.random.default_rng(5))
-  assert images.bad_sample_count() - before == 1 and 'corrupt JPEG data' in caplog.text
-  want = _reference_sample(table, spec, bad + 1, np.random.default_rng(5))
-  for k in want:
-    np.testing.assert_array_equal(got[k], want[k])
+  _check_replaced_by_next(table, spec, bad, caplog, 'corrupt JPEG data')
   with pytest.raises(images.BadSampleError, match=path.name):
     pipeline.TrainSample(table, spec, True)(bad, np.random.default_rng(5))
 
@@ -501,6 +496,8 @@ def test_fallback_without_library(fresh_library, monkeypatch, tmp_path,
     for i in range(len(table)):
       assert isinstance(pipeline.load_source(table, i), np.ndarray)
       got = sample(i, np.random.default_rng(i))
+      assert got.pop('bad_samples') == 0
+      assert got.keys() == want[i].keys()
       for k in got:
         np.testing.assert_array_equal(got[k], want[i][k])
 

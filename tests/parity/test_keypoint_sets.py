@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests import tiny_models
 from tests import tiny_train_config
 from transpose_jax import keypoints
 from transpose_jax import models
@@ -130,35 +131,11 @@ def test_unknown_joint_names_need_sigmas_for_ap(crowdpose_root, tmp_path):
   evaluate.check_split(config, split)
 
 
-def _peak_model(heatmap_size):
-  """Stand-in for a 14-joint model: a fixed Gaussian peak per joint."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  h, w = heatmap_size
-  yy, xx = np.mgrid[:h, :w]
-  maps = np.stack([np.exp(-((xx - 4 - (j % 5)) ** 2 + (yy - 3 - j % 9) ** 2) / 2.0)
-                   for j in range(14)], -1).astype(np.float32)
-
-  class PeakModel(nnx.Module):
-
-    def __init__(self):
-      self.maps = nnx.Param(jnp.asarray(maps))
-      self.precision = 'auto'  # what eval_forward reads of a TransPose
-
-    def __call__(self, x):
-      return jnp.broadcast_to(self.maps[...], (x.shape[0],) + maps.shape)
-
-    def intermediates(self, x, *, attention=None, features=False):
-      del attention, features
-      return {'heatmaps': self(x), 'attention': None}
-
-  return PeakModel()
-
-
 def test_crowdpose_evaluation_uses_its_sigmas_and_areas(crowdpose_root, tmp_path, capsys):
   config = _config(crowdpose_root)
   split = splits.build_split(config, train=False)
-  model = _peak_model(config.model.heatmap_size)
+  model = tiny_models.PeakModel([(4 + j % 5, 3 + j % 9) for j in range(14)],
+                                config.model.heatmap_size, spread=2.0)
   metrics = evaluate.evaluate(model, config, split, workdir=tmp_path)
   assert list(metrics) == list(coco_metrics.STAT_NAMES)
   assert '| Arch | AP |' in capsys.readouterr().out

@@ -293,6 +293,32 @@ def make_train_step(model: Model, tx: optax.GradientTransformation, mesh,
       donate_argnums=(0,))
 
 
+def abstract_train_step(config, mesh, *, platform: str | None = None,
+                        sync_batchnorm: bool | None = None) -> tuple[Callable, tuple]:
+  """(the training step of `config` on `mesh`, its arguments as shapes with
+  shardings): nothing is allocated, for lowering ahead of time (`jax.export`,
+  collective counts). The batch is config.batch_size; `sync_batchnorm`
+  defaults to the config's."""
+  model = split_model(models.build(config.model, abstract=True))
+  tx, _ = optim.make_optimizer(config, 10, model.params)
+  state = dict(params=model.params, rest=model.rest,
+               opt_state=jax.eval_shape(tx.init, model.params),
+               step=jax.ShapeDtypeStruct((), jnp.int32))
+  shardings = train_state_shardings(state, mesh, config.fsdp)
+  sync = config.sync_batchnorm if sync_batchnorm is None else sync_batchnorm
+  step = make_train_step(model, tx, mesh, shardings, sync, platform=platform)
+  placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        state, shardings)
+  (h, w), (hh, hw), k = (config.model.image_size, config.model.heatmap_size,
+                         config.model.num_joints)
+  n, on_batch = config.batch_size, sharding.batch_sharding(mesh)
+  batch = {'image': jax.ShapeDtypeStruct((n, h, w, 3), jnp.uint8, sharding=on_batch),
+           'target': jax.ShapeDtypeStruct((n, hh, hw, k), jnp.float32, sharding=on_batch),
+           'target_weight': jax.ShapeDtypeStruct((n, k), jnp.float32, sharding=on_batch)}
+  key = jax.eval_shape(lambda: jax.random.key(0, impl=config.dropout_rng))
+  return step, (placed, batch, key)
+
+
 # =============================================================== checkpoint
 
 
