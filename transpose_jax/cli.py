@@ -14,7 +14,8 @@ start with `cli.run(main, ...)`, which
 3. checks what it can before absl parses the command line, so that a user's
    mistake is one `error:` line naming it: an unknown `--config.x.y` key
    (with the valid keys at that level; ml_collections alone prints a
-   traceback), a missing --config or --checkpoint file;
+   traceback), a missing --config or --checkpoint file (an official model
+   name such as tp_h_a4 is not missing: `checkpoints.zoo` fetches it);
 4. keeps library INFO logs (orbax writes several lines per checkpoint) out of
    the output unless --verbosity is given, refuses stray arguments, and runs
    `main` with absl; the errors a user can fix (the `errors` given) end the
@@ -34,6 +35,7 @@ from ml_collections import config_flags
 
 from transpose_jax import config_schema
 from transpose_jax import configs
+from transpose_jax.checkpoints import zoo
 from transpose_jax.kernels import xla_cpu
 
 
@@ -65,7 +67,9 @@ def config_flag(default_config: str, what: str = 'Config', *, from_checkpoint: b
 def checkpoint_flag():
   """--checkpoint: what `checkpoints.store.restore_model` reads."""
   return flags.DEFINE_string(
-      'checkpoint', None, 'Official .pth, converter output directory or train.py workdir.')
+      'checkpoint', None, 'Official .pth, converter output directory, train.py workdir, or an '
+      f'official model name ({", ".join(zoo.NAMES)}; cached in ${zoo.CACHE_ENV}, default '
+      '~/.cache/transpose-jax/weights, downloaded on first use).')
 
 
 def fail(message) -> None:
@@ -132,12 +136,14 @@ def check_command_line(argv: Sequence[str], *, default_config: str) -> None:
     raise FileNotFoundError(f'--config={config}: file not found (pass a config file such '
                             'as configs/tp_r_a3.py)')
   checkpoint = flag_value(argv, 'checkpoint')
-  missing = checkpoint and not os.path.exists(checkpoint)
+  # An official model's name is fetched when it is read, after the cheaper checks.
+  missing = checkpoint and not os.path.exists(checkpoint) and not zoo.is_name(checkpoint)
   if _override_keys(argv, 'config') and not (missing and config == CHECKPOINT_CONFIG):
     check_config_overrides(argv, default_config=default_config)
   if missing:
     raise FileNotFoundError(f'--checkpoint={checkpoint}: not found (pass an official .pth, '
-                            'a converter output directory or a train.py workdir)')
+                            'a converter output directory, a train.py workdir or an official '
+                            f'model name: {", ".join(zoo.NAMES)})')
   if config == CHECKPOINT_CONFIG:
     config_schema.load_file(spec)  # an unrecognised checkpoint: one line, before absl
 

@@ -142,7 +142,7 @@ def defaults() -> ml_collections.ConfigDict:
   config.dropout_rng = 'threefry2x32'  # PRNG of the dropout key ('threefry2x32' | 'rbg');
                                        # the masks hash it (models.layers.Dropout)
   config.fsdp = False
-  config.init_from = ''           # official TransPose .pth or ImageNet backbone .pth
+  config.init_from = ''           # official TransPose .pth or name (tp_h_a4), ImageNet backbone .pth
   config.init_reinit = ()         # parameter path prefixes not taken from init_from
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
@@ -345,7 +345,10 @@ def check(config: ml_collections.ConfigDict, *, device_count: int = 1,
   need(config.eval_every_steps >= 0,
        f'config.eval_every_steps={config.eval_every_steps}: expected >= 0 (0: off).')
   need(config.eval.batch_size > 0, f'config.eval.batch_size={config.eval.batch_size}: expected > 0.')
-  if config.init_from:
-    need(os.path.exists(config.init_from),
-         f'config.init_from={config.init_from!r} does not exist.')
+  # A bare word (no folder, no extension) is an official model's name, which
+  # checkpoints.zoo resolves, or refuses naming the official ones, when the
+  # model is built; this layer does not know the names.
+  init_from = config.init_from
+  if init_from and (os.sep in init_from or '/' in init_from or '.' in init_from):
+    need(os.path.exists(init_from), f'config.init_from={init_from!r} does not exist.')
   _raise(errors)

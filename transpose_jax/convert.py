@@ -3,6 +3,9 @@ r"""Converts an official TransPose `.pth` into an orbax checkpoint.
   python -m transpose_jax.convert --checkpoint=tp_h_48_256x192_enc6_d96_h192_mh1.pth \
       --output=ckpt/tp_h_a6 [--config=configs/tp_h_a6.py] [--partial] [--overwrite]
 
+--checkpoint may also be an official model's name (tp_h_a6): its release
+file in the weights cache, downloaded on first use (`checkpoints.zoo`).
+
 train.py (`--config.init_from`), eval.py, predict and explain restore the
 output directory. Without --config the variant is recognised from the
 checkpoint's keys and shapes. Strict: missing, unexpected or mis-shaped
@@ -20,8 +23,11 @@ from transpose_jax import config_schema
 from transpose_jax import models
 from transpose_jax.checkpoints import official
 from transpose_jax.checkpoints import store
+from transpose_jax.checkpoints import zoo
 
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Official PyTorch .pth file.')
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', None, 'Official PyTorch .pth file, or an official model name '
+    f'({", ".join(zoo.NAMES)}): `checkpoints.zoo`.')
 _CONFIG = flags.DEFINE_string(
     'config', None, 'configs/<variant>.py (default: recognised from the checkpoint).')
 _OUTPUT = flags.DEFINE_string('output', None, 'Directory for the orbax checkpoint.')
@@ -34,7 +40,7 @@ flags.mark_flags_as_required(['checkpoint', 'output'])
 
 def main(argv) -> None:
   del argv
-  state_dict = official.read_state_dict(_CHECKPOINT.value)
+  state_dict = official.read_state_dict(zoo.resolve(_CHECKPOINT.value))
   if _CONFIG.value:
     config = config_schema.load_file(_CONFIG.value)
   else:

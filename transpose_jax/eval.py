@@ -8,8 +8,10 @@ r"""Evaluates a TransPose checkpoint: COCO keypoint AP or MPII PCKh.
 --config the checkpoint's own config is used.
 
 --checkpoint is an official `.pth` (converted on the fly), a converter
-output directory or a train.py workdir (its latest checkpoint). Detected
-person boxes instead of GT boxes:
+output directory, a train.py workdir (its latest checkpoint) or an official
+model's name (tp_r_a3, tp_r_a4, tp_h_s, tp_h_a4, tp_h_a6: its release file
+in the weights cache, downloaded on first use). Detected person boxes
+instead of GT boxes:
 
   --config.data.use_gt_bbox=False \
   --config.data.detection_file=COCO_val2017_detections_AP_H_56_person.json

@@ -5,8 +5,9 @@ r"""Exports a model as StableHLO, ONNX or the official `.pth`.
 
 (installed: `transpose-export ...`).
 
---checkpoint is an official .pth, a converter output directory or a train.py
-workdir; without --config the config is the checkpoint's own (an official
+--checkpoint is an official .pth, a converter output directory, a train.py
+workdir or an official model's name (tp_h_a4: downloaded once into the
+weights cache); without --config the config is the checkpoint's own (an official
 file's variant is recognised from its keys and shapes). 'stablehlo' and
 'onnx' take images float32 [N, 3, H, W] (RGB, ImageNet-normalised) and give
 heatmaps float32 [N, K, H/4, W/4], any N, as the official PyTorch model;

@@ -10,7 +10,8 @@ This module owns those two items (`model_save_args`, `model_restore_args`,
 data iterator) to the same steps, and `restore_model` reads only these two.
 
 `restore_model` accepts such a directory, a training workdir (its
-`checkpoints/` folder), one step folder of either, or an official `.pth`.
+`checkpoints/` folder), one step folder of either, an official `.pth`, or an
+official model's name (`checkpoints.zoo`: its release file, downloaded once).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from transpose_jax import config_schema
 from transpose_jax import models
 from transpose_jax.checkpoints import flat
 from transpose_jax.checkpoints import official
+from transpose_jax.checkpoints import zoo
 
 MODEL_ITEM = 'model'
 META_ITEM = 'meta'
@@ -178,8 +180,11 @@ def config_of(path) -> ml_collections.ConfigDict:
   shapes. A transpose-jax checkpoint (converter output or train.py workdir):
   the config of the variant it names, with the model fields it saved (e.g.
   num_joints of a fine-tuned model); a variant without a config file starts
-  from the schema's defaults.
+  from the schema's defaults. An official model's name: its variant's
+  config, without reading (or downloading) the file.
   """
+  if zoo.is_name(path):
+    return official.variant_config(os.fspath(path))
   if str(path).endswith(('.pth', '.pt')):
     state_dict = official.read_state_dict(path)
     return official.variant_config(official.detect_variant(state_dict, str(path)))
@@ -201,8 +206,10 @@ def restore_model(path, config) -> nnx.Module:
   """An eval-mode model for `config` holding the weights at `path`.
 
   `path`: an official `.pth` (converted on the fly), a converter output
-  directory, a train.py workdir, or one step folder of those.
+  directory, a train.py workdir, one step folder of those, or an official
+  model's name (`zoo.resolve`).
   """
+  path = zoo.resolve(path)
   if str(path).endswith(('.pth', '.pt')):
     return official.load_official(path, config)
   directory, step = locate(path)
@@ -218,13 +225,14 @@ def restore_model(path, config) -> nnx.Module:
 def load_init(model: nnx.Module, init_from: str, config) -> str:
   """Initialise `model` (in place) from `config.init_from`; returns a summary.
 
-  An official TransPose `.pth` of the same variant loads strictly; anything
+  An official TransPose `.pth` (or official model name) of the same variant loads strictly; anything
   else (an ImageNet ResNet-50 / HRNet backbone, or a COCO model being
   fine-tuned with a new head) loads partially. Prefixes in
   `config.init_reinit` keep their fresh initialisation either way.
   """
   if not init_from:
     return 'no init_from: trained from scratch'
+  init_from = zoo.resolve(init_from)
   if init_from.endswith(('.pth', '.pt')):
     state_dict = official.read_state_dict(init_from)
   else:

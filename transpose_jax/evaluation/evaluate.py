@@ -44,6 +44,7 @@ from transpose_jax import config_schema
 from transpose_jax import paths
 from transpose_jax import sharding
 from transpose_jax.checkpoints import store
+from transpose_jax.checkpoints import zoo
 from transpose_jax.evaluation import coco_metrics
 from transpose_jax.evaluation import decode
 from transpose_jax.evaluation import forward
@@ -327,7 +328,7 @@ def evaluate_checkpoint(config, checkpoint: str | os.PathLike,
   config_schema.check(config)
   if workdir is not None:
     paths.check_reachable(paths.resolve(workdir))
-  if not os.path.exists(checkpoint):
+  if not os.path.exists(checkpoint) and not zoo.is_name(checkpoint):
     raise FileNotFoundError(f'checkpoint {os.fspath(checkpoint)!r} does not '
                             'exist')
   split = splits.build_split(config, train=False)
