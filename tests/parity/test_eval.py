@@ -144,8 +144,8 @@ def test_missing_files_are_named(coco_root, tmp_path):
     evaluate.evaluate_checkpoint(config, str(coco_root), str(tmp_path / 'out'))
 
 
-def _run_cli(*args):
-  env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), JAX_PLATFORMS='cpu')
+def _run_cli(*args, **env_vars):
+  env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), JAX_PLATFORMS='cpu', **env_vars)
   return subprocess.run([sys.executable, str(PROJECT_ROOT / 'eval.py'), *args],
                         cwd=PROJECT_ROOT, env=env, capture_output=True,
                         text=True, timeout=900)
@@ -162,6 +162,25 @@ def test_cli_official_checkpoint(reference_dir, coco_root, tmp_path):
   assert list(metrics) == [*coco_metrics.STAT_NAMES, 'skipped_images', 'skipped_persons']
   assert '| Arch | AP |' in proc.stdout
   assert json.loads((tmp_path / 'results.json').read_text())
+
+
+def test_cli_official_model_by_name(reference_dir, coco_root, tmp_path):
+  """--checkpoint=tp_r_a3, no --config: the release file from the weights
+  cache, the variant from the name; the release address serves nothing, so
+  nothing is downloaded."""
+  from transpose_jax.checkpoints import zoo  # pylint: disable=g-import-not-at-top
+  cache = tmp_path / 'weights'
+  cache.mkdir()
+  shutil.copy(reference_dir / 'tp_r_a3' / 'state_dict.pth', cache / zoo.FILES['tp_r_a3'])
+  proc = _run_cli('--checkpoint=tp_r_a3', f'--workdir={tmp_path / "out"}',
+                  f'--config.data.root={coco_root}', '--config.eval.batch_size=8',
+                  **{zoo.CACHE_ENV: str(cache), zoo.URL_ENV: (tmp_path / 'nowhere').as_uri()})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'downloading' not in proc.stderr
+  metrics = json.loads((tmp_path / 'out' / 'metrics.json').read_text())
+  assert list(metrics) == [*coco_metrics.STAT_NAMES, 'skipped_images', 'skipped_persons']
+  assert json.loads((tmp_path / 'out' / 'results.json').read_text())
+  assert sorted(p.name for p in cache.iterdir()) == [zoo.FILES['tp_r_a3']]
 
 
 @pytest.mark.slow

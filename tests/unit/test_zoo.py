@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import PROJECT_ROOT
 from transpose_jax import cli
 from transpose_jax import config_schema
+from transpose_jax import models
 from transpose_jax.checkpoints import flat
 from transpose_jax.checkpoints import official
 from transpose_jax.checkpoints import store
@@ -154,6 +155,12 @@ def test_restore_and_load_by_name(reference_dir, cache):
       np.testing.assert_array_equal(got[key], value)
   with pytest.raises(ValueError, match='not an official model name'):
     zoo.load('tp_r_a3_bilinear')
+  # config.init_from (train.py): the same weights, strictly.
+  model = models.build(config.model, seed=1)
+  assert 'for 0 missing and 0 mis-shaped' in store.load_init(model, 'tp_r_a3', config)
+  got = flat.flat_weights(model)
+  for key, value in expected.items():
+    np.testing.assert_array_equal(got[key], value)
 
 
 def test_command_lines_take_names(cache):
