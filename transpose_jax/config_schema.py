@@ -142,7 +142,7 @@ def defaults() -> ml_collections.ConfigDict:
   config.dropout_rng = 'threefry2x32'  # PRNG of the dropout key ('threefry2x32' | 'rbg');
                                        # the masks hash it (models.layers.Dropout)
   config.fsdp = False
-  config.init_from = ''           # official TransPose .pth or name (tp_h_a4), ImageNet backbone .pth
+  config.init_from = ''           # official .pth or name (tp_h_a4), ImageNet backbone .pth
   config.init_reinit = ()         # parameter path prefixes not taken from init_from
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3

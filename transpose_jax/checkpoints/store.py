@@ -225,9 +225,10 @@ def restore_model(path, config) -> nnx.Module:
 def load_init(model: nnx.Module, init_from: str, config) -> str:
   """Initialise `model` (in place) from `config.init_from`; returns a summary.
 
-  An official TransPose `.pth` (or official model name) of the same variant loads strictly; anything
-  else (an ImageNet ResNet-50 / HRNet backbone, or a COCO model being
-  fine-tuned with a new head) loads partially. Prefixes in
+  An official TransPose `.pth` (or an official model's name, `zoo.resolve`)
+  of the same variant loads strictly; anything else (an ImageNet ResNet-50 /
+  HRNet backbone, or a COCO model being fine-tuned with a new head) loads
+  partially. Prefixes in
   `config.init_reinit` keep their fresh initialisation either way.
   """
   if not init_from:
