@@ -164,7 +164,7 @@ def test_config_reaches_every_encoder_layer():
       'blockwise'] * config.model.encoder_layers
 
 
-@pytest.mark.slow  # two compiled training-mode gradients of a whole model: ~30 s each here
+@pytest.mark.slow  # two compiled training-mode gradients of a whole model: 37-51 s a case here
 @pytest.mark.parametrize('name,head', [('transpose_r', 'deconv'), ('transpose_h', 'conv')])
 def test_whole_model_with_blockwise_attention_equals_full(name, head):
   """`config.model.attention='blockwise'` in a whole tiny model: the
