@@ -37,6 +37,7 @@ CHOICES = {
     'model.compute_dtype': tuple(COMPUTE_DTYPES),
     'model.kernels': kernels.CHOICES,
     'model.precision': kernels.PRECISIONS,
+    'model.attention': kernels.ATTENTIONS,
     'model.final_conv_kernel': (1, 3),
     'data.dataset': ('coco', 'mpii'),
     'data.source': ('files', 'tfds'),
@@ -76,6 +77,9 @@ def defaults() -> ml_collections.ConfigDict:
   m.precision = 'auto'            # float32 convolutions/matmuls: 'auto' ('highest' to evaluate
                                   # and infer, 'default' to train) | 'highest' | 'high' |
                                   # 'default' (XLA's: TF32 on GPU, bf16 passes on TPU)
+  m.attention = 'full'            # encoder attention in training: 'full' ([N, heads, L, L]
+                                  # weights saved) | 'blockwise' (kernels.blockwise: key blocks,
+                                  # recomputed in the backward pass; the same masks and values)
   # ResNet-S: ResNet-50 stem + layer1 + layer2 (stride 8).
   m.resnet = ml_collections.ConfigDict()
   m.resnet.layers = (3, 4)        # Bottlenecks in layer1, layer2

@@ -10,6 +10,11 @@ attention goes through one of these sets:
   convolutions, im2col kernel gradients, closed-form BatchNorm gradient,
   sliced max-pool, sub-pixel deconvolution, hand-written attention gradient).
 
+Both sets take the encoder attention's blockwise form (`kernels.blockwise`:
+online softmax over key blocks, recomputed in the backward pass, no [L, L]
+array) when `config.model.attention` is 'blockwise'; 'full' (default) is
+the set's own `attention` on the whole [N, heads, L, L] weights.
+
 `config.model.kernels` chooses: 'reference', 'cpu', or 'auto' (default),
 which takes CPU kernels for a computation lowered for the CPU and the
 reference ones for any other platform. 'auto' is decided when the model is
@@ -50,12 +55,14 @@ from typing import Callable, Iterator
 
 import jax
 
+from transpose_jax.kernels import blockwise
 from transpose_jax.kernels import cpu
 from transpose_jax.kernels import reference
 from transpose_jax.kernels import sharded
 
 CHOICES = ('auto', 'reference', 'cpu')
 PRECISIONS = ('auto', 'highest', 'high', 'default')
+ATTENTIONS = ('full', 'blockwise')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,16 +75,19 @@ class Kernels:
   max_pool_3x3_s2: Callable
   deconv4x4: Callable
   attention: Callable
+  blockwise_attention: Callable
 
 
 REFERENCE = Kernels(
     name='reference', conv2d=reference.conv2d, pointwise_conv=reference.pointwise_conv,
     batch_norm_train=reference.batch_norm_train, max_pool_3x3_s2=reference.max_pool_3x3_s2,
-    deconv4x4=reference.deconv4x4, attention=reference.attention)
+    deconv4x4=reference.deconv4x4, attention=reference.attention,
+    blockwise_attention=blockwise.attention)
 CPU = Kernels(
     name='cpu', conv2d=cpu.conv2d, pointwise_conv=cpu.pointwise_conv,
     batch_norm_train=cpu.batch_norm_train, max_pool_3x3_s2=cpu.max_pool_3x3_s2,
-    deconv4x4=cpu.deconv4x4, attention=cpu.attention)
+    deconv4x4=cpu.deconv4x4, attention=cpu.attention,
+    blockwise_attention=blockwise.attention)
 
 _TARGET = contextvars.ContextVar('transpose_jax_lowering_platform', default=None)
 _SHARDED_BATCH = contextvars.ContextVar('transpose_jax_sharded_batch', default=None)

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from transpose_jax import kernels as kernels_lib
 from transpose_jax.kernels import reference
+from transpose_jax.kernels.dropout import keep_mask as dropout_keep_mask
 from transpose_jax.models.initializers import host_init
 
 
@@ -133,36 +133,6 @@ class Deconv4x4(nnx.Module):
 # ---------------------------------------------------------------- dropout
 
 
-def _mix32(h: jax.Array) -> jax.Array:
-  """Chris Wellons' "lowbias32" integer hash: a bijection of uint32, full avalanche."""
-  h = h ^ (h >> 16)
-  h = h * jnp.uint32(0x7FEB352D)
-  h = h ^ (h >> 15)
-  h = h * jnp.uint32(0x846CA68B)
-  return h ^ (h >> 16)
-
-
-def dropout_keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
-  """Boolean keep mask, True with probability 1 - rate (to 2**-32), from `key`.
-
-  Each element's bits are a counter-based hash of its position (leading axis
-  and offset within it) and two seed words drawn from `key`, so the mask is
-  the same however the array is sharded, and costs a handful of integer ops
-  per element: far less than `jax.random.bernoulli` (threefry or rbg), which
-  made the [batch, heads, HW, HW] attention dropout of TP-R a visible part of
-  the training step on the CPU.
-  """
-  inner = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
-  if inner >= 2 ** 32:
-    raise ValueError(f'dropout on {shape}: more than 2**32 elements per leading index')
-  seeds = jax.random.bits(key, (2,), jnp.uint32)
-  lead = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
-  offset = jax.lax.iota(jnp.uint32, inner).reshape((1,) + tuple(shape[1:]))
-  bits = _mix32(_mix32(offset ^ seeds[0]) ^ (lead * jnp.uint32(0x9E3779B9) + seeds[1]))
-  threshold = min(int(round(rate * 2.0 ** 32)), 2 ** 32 - 1)
-  return bits >= jnp.uint32(threshold)
-
-
 class Dropout(nnx.Dropout):
   """`nnx.Dropout` (same attributes, train/eval switching and reseeding) with
   its mask from `dropout_keep_mask`; `broadcast_dims` is not supported."""
@@ -189,10 +159,17 @@ class Dropout(nnx.Dropout):
       return None
     if self.rate == 1.0:
       return jnp.zeros(shape, jnp.bool_)
+    return dropout_keep_mask(self.draw_key(deterministic=deterministic, rngs=rngs), shape,
+                             self.rate)
+
+  def draw_key(self, *, deterministic: bool | None = None, rngs=None) -> jax.Array | None:
+    """The key `keep_mask` would draw (advancing the stream as it does), or None
+    when dropout is off; for code that generates the mask's parts itself."""
+    if self._inactive(deterministic):
+      return None
     if self.broadcast_dims:
       raise ValueError('Dropout: broadcast_dims is not supported')
     stream = self.rngs if rngs is None else rngs
     if stream is None:
       raise ValueError('Dropout in training mode needs rngs (nnx.Rngs(dropout=...))')
-    key = stream() if callable(stream) else stream
-    return dropout_keep_mask(key, shape, self.rate)
+    return stream() if callable(stream) else stream

@@ -63,7 +63,8 @@ class MultiheadAttention(nnx.Module):
   """
 
   def __init__(self, d_model: int, n_head: int, dropout: float, *,
-               dtype=jnp.float32, kernels: str = 'auto', rngs: nnx.Rngs):
+               dtype=jnp.float32, kernels: str = 'auto', attention: str = 'full',
+               rngs: nnx.Rngs):
     if d_model % n_head:
       raise ValueError(f'd_model {d_model} is not divisible by n_head {n_head}')
     xavier = host_init('xavier')
@@ -76,12 +77,14 @@ class MultiheadAttention(nnx.Module):
     self.d_model = d_model
     self.dtype = dtype
     self.kernels = kernels
+    self.attention = attention
 
   def __call__(self, qk_input: jax.Array, v_input: jax.Array, *, need_weights: bool = True):
     """(output [N, L, d], weights [N, heads, L, L] after dropout, or None).
 
     Without `need_weights` the product is the kernel set's `attention` (the
-    training path); the weights path is plain autodiff
+    training path), or its `blockwise_attention` with `attention='blockwise'`
+    (the same dropout key, so the same mask); the weights path is plain autodiff
     (`kernels.reference.attention_with_weights`) and returns what
     `nn.MultiheadAttention` returns.
     """
@@ -95,8 +98,12 @@ class MultiheadAttention(nnx.Module):
     k = qk[..., d:]
     split = lambda t: t.reshape(n, length, self.n_head, head_dim)
     qkv = split(q), split(k), split(v)
-    keep_mask = self.dropout.keep_mask((n, self.n_head, length, length))
     keep_prob = 1.0 - self.dropout.rate
+    if self.attention == 'blockwise' and not need_weights and keep_prob > 0.0:
+      out = kernels_lib.select(self.kernels).blockwise_attention(
+          *qkv, self.dropout.draw_key(), self.dropout.rate)
+      return self.out_proj(out.reshape(n, length, d)), None
+    keep_mask = self.dropout.keep_mask((n, self.n_head, length, length))
     if need_weights or keep_prob == 0.0:
       out, weights = reference.attention_with_weights(*qkv, keep_mask, keep_prob)
     else:
@@ -109,11 +116,12 @@ class EncoderLayer(nnx.Module):
   """Post-norm layer: x = LN(x + attn(x+pos, x+pos, x)); x = LN(x + FFN(x))."""
 
   def __init__(self, d_model: int, n_head: int, dim_feedforward: int, dropout: float, *,
-               dtype=jnp.float32, kernels: str = 'auto', rngs: nnx.Rngs):
+               dtype=jnp.float32, kernels: str = 'auto', attention: str = 'full',
+               rngs: nnx.Rngs):
     linear = lambda i, o: nnx.Linear(i, o, dtype=dtype, param_dtype=jnp.float32,
                                      kernel_init=host_init('xavier'), rngs=rngs)
     self.self_attn = MultiheadAttention(d_model, n_head, dropout, dtype=dtype, kernels=kernels,
-                                        rngs=rngs)
+                                        attention=attention, rngs=rngs)
     self.linear1 = linear(d_model, dim_feedforward)
     self.linear2 = linear(dim_feedforward, d_model)
     self.norm1 = nnx.LayerNorm(d_model, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
@@ -135,10 +143,11 @@ class TransformerEncoder(nnx.Module):
   """A stack of post-norm layers, the position added in every layer, no final norm."""
 
   def __init__(self, num_layers: int, d_model: int, n_head: int, dim_feedforward: int,
-               dropout: float, *, dtype=jnp.float32, kernels: str = 'auto', rngs: nnx.Rngs):
+               dropout: float, *, dtype=jnp.float32, kernels: str = 'auto',
+               attention: str = 'full', rngs: nnx.Rngs):
     self.layers = nnx.List([
         EncoderLayer(d_model, n_head, dim_feedforward, dropout, dtype=dtype, kernels=kernels,
-                     rngs=rngs)
+                     attention=attention, rngs=rngs)
         for _ in range(num_layers)])
 
   def __call__(self, x: jax.Array, pos: jax.Array | None, *, attention: str | None = None):

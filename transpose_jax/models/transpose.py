@@ -65,7 +65,7 @@ class TransPose(nnx.Module):
       self.pos_embedding = None
     self.global_encoder = transformer.TransformerEncoder(
         c.encoder_layers, d, c.n_head, c.dim_feedforward, c.dropout, dtype=dtype, kernels=kernels,
-        rngs=rngs)
+        attention=c.attention, rngs=rngs)
     if c.head == 'deconv':
       self.deconv_layers = nnx.List([layers.Deconv4x4(d, d, dtype=dtype, kernels=kernels, rngs=rngs),
                                      layers.BatchNorm(d, dtype=dtype, kernels=kernels)])
