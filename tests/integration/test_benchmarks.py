@@ -2,6 +2,8 @@
 
 import json
 import pathlib
+
+import pytest
 import subprocess
 import sys
 
@@ -10,6 +12,7 @@ from benchmarks import accelerator
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # three processes importing jax, 30-90 s on 2 cores
 def test_accelerator_smoke_run(tmp_path):
   output = tmp_path / 'results.json'
   out = subprocess.run(

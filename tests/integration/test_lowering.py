@@ -157,6 +157,7 @@ def test_sync_batchnorm_exports_two_collectives_per_layer(tmp_path):
   assert _collectives('tp_h_a4', tmp_path)['stablehlo'] == {'all_reduce': bn, 'all_gather': bn}
 
 
+@pytest.mark.slow  # compiles a partitioned step (35 s); the exported count above is the fast check
 @pytest.mark.cpu_only  # simulated CPU devices
 def test_partitioned_step_has_at_most_one_all_reduce_per_batchnorm(tmp_path):
   """After SPMD partitioning (compiled for this host's 8 devices), TP-R-A3's
