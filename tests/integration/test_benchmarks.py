@@ -2,10 +2,10 @@
 
 import json
 import pathlib
-
-import pytest
 import subprocess
 import sys
+
+import pytest
 
 from benchmarks import accelerator
 
