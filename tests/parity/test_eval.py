@@ -164,6 +164,7 @@ def test_cli_official_checkpoint(reference_dir, coco_root, tmp_path):
   assert json.loads((tmp_path / 'results.json').read_text())
 
 
+@pytest.mark.slow  # a whole eval.py run (21 s); tests/unit/test_zoo.py covers the resolution
 def test_cli_official_model_by_name(reference_dir, coco_root, tmp_path):
   """--checkpoint=tp_r_a3, no --config: the release file from the weights
   cache, the variant from the name; the release address serves nothing, so

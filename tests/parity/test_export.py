@@ -123,6 +123,7 @@ def _run(args, cwd=PROJECT_ROOT):
                         capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # two CLI processes (24 s); the library export tests stay in the default suite
 def test_cli_onnx_and_the_documented_stablehlo_loader(reference_dir, tmp_path):
   pth = reference_dir / 'tp_r_a3' / 'state_dict.pth'
   images, heatmaps, atol = _fixture(reference_dir, 'tp_r_a3')

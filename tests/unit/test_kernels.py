@@ -248,7 +248,9 @@ def test_max_pool_matches_pytorch_including_ties(shape, ties):
 
 
 @pytest.mark.cpu_only  # the tolerance is this backend's float32 rounding
-@pytest.mark.parametrize('name,head', [('transpose_r', 'deconv'), ('transpose_h', 'conv')])
+@pytest.mark.parametrize('name,head', [
+    ('transpose_r', 'deconv'),
+    pytest.param('transpose_h', 'conv', marks=pytest.mark.slow)])  # 35 s; its ops are tested one by one
 def test_whole_model_with_cpu_kernels_equals_reference_kernels(name, head):
   """Training-mode loss and every parameter gradient (dropout on, same masks)."""
   images = jax.random.normal(jax.random.key(0), (2, 64, 48, 3))
