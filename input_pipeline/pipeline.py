@@ -65,6 +65,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import gc
 import logging
 import math
 import os
@@ -75,6 +76,7 @@ from typing import Any, Iterator
 from absl import flags
 import cv2
 import grain
+from grain.multiprocessing import SharedMemoryArray
 import numpy as np
 
 from transpose_jax import config_schema
@@ -466,6 +468,27 @@ def _worker_init(worker_index: int, worker_count: int) -> None:
   # One OpenCV thread per worker: the workers already fill the cores.
   cv2.setNumThreads(1)
   exit_with_parent()
+
+
+def release_shared_memory() -> None:
+  """Unlinks the shared memory of the samples this process has read.
+
+  Samples from grain's worker processes arrive in shared memory, unlinked
+  when their arrays are deleted: only after a garbage collection when a
+  reference cycle holds them, and then by a thread pool whose queued work
+  is dropped at interpreter exit. A process that exits right after reading
+  (the end of training or evaluation) would leave segments behind
+  ("resource_tracker: ... leaked shared_memory objects").
+  Call it after closing the iterators and dropping the batches.
+  """
+  gc.collect()
+  with SharedMemoryArray._lock:  # pylint: disable=protected-access
+    unlinking = SharedMemoryArray._del_thread_pool  # pylint: disable=protected-access
+    # Later deletions unlink at once, until grain starts a new pool.
+    SharedMemoryArray._disable_async_del()  # pylint: disable=protected-access
+  if unlinking is not None:
+    unlinking.close()
+    unlinking.join()  # runs every queued unlink
 
 
 def exit_with_parent(poll_seconds: float = 0.5) -> threading.Thread:

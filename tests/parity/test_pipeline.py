@@ -3,6 +3,9 @@
 import json
 import logging
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from transpose_jax.input_pipeline import images
 from transpose_jax.input_pipeline import pipeline
 from transpose_jax.input_pipeline import splits
 from transpose_jax.input_pipeline import transforms
+from tests.conftest import PROJECT_ROOT
 
 
 def _config(batch_size=4, num_workers=0, seed=0):
@@ -341,3 +345,31 @@ def test_default_worker_count_follows_the_cores_this_process_may_use(monkeypatch
   config.data.num_workers = -2
   with pytest.raises(config_schema.ConfigError, match='num_workers=-2'):
     config_schema.check(config)
+
+
+# A sample read from a worker process, deleted while grain's unlinking
+# thread is still busy (a slow task stands in for a loaded machine), then
+# the process exits at once, as at the end of training.
+_EXIT_AFTER_READING = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    from grain._src.python.ipc import shared_memory_array as shm
+    from transpose_jax.input_pipeline import pipeline
+    shm.SharedMemoryArray.enable_async_del(1)
+    shm.SharedMemoryArray._del_thread_pool.apply_async(time.sleep, (1.0,))
+    written = shm.SharedMemoryArray((64, 48, 3), np.uint8)   # in a worker
+    sample = shm.open_from_shm(written.metadata)              # in the reader
+    del written, sample
+    if sys.argv[1] == 'release':
+      pipeline.release_shared_memory()
+""")
+
+
+@pytest.mark.parametrize('release', [False, True])
+def test_shared_memory_is_unlinked_before_exit(release):
+  done = subprocess.run([sys.executable, '-c', _EXIT_AFTER_READING,
+                         'release' if release else 'exit'],
+                        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
+  # Without the release the leak this guards against shows (the test can fail).
+  assert ('leaked shared_memory' in done.stderr) is not release, done.stderr[-2000:]

@@ -26,7 +26,6 @@ the metrics table and in metrics.json (`skipped_images`, `skipped_persons`).
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -161,11 +160,8 @@ def run_inference(model: nnx.Module, config, split, *,
       logger.info('eval batch %d / %d', step + 1, len(loader))
   if pending is not None:
     decode_batch(*pending)
-  # The loader's batches sit in reference cycles (grain's iterators): freed
-  # only by a collection, their shared memory would still be allocated at
-  # exit ("leaked shared_memory objects").
   batch = pending = None
-  gc.collect()
+  pipeline.release_shared_memory()
   if start is not None and timed_crops:
     rate = timed_crops * jax.process_count() / (time.perf_counter() - start)
     logger.info('eval throughput: %.1f crops/s on %d device(s), flip test %s',

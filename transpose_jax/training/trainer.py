@@ -47,7 +47,6 @@ masks are a counter hash of that key and each element's position
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import math
 import os
@@ -810,8 +809,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path,
     writer.close()
     preemption.close()
     manager.close()
-    data_iter.close()  # stops the worker processes and frees their shared memory
-    gc.collect()  # batches in grain's reference cycles, as in evaluate.run_inference
+    data_iter.close()  # stops the worker processes
+    local = batch = None  # the last batch: unlinked below
+    pipeline.release_shared_memory()
   return result
 
 
