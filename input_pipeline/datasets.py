@@ -45,6 +45,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from transpose_jax import keypoints
+from transpose_jax import paths
 from transpose_jax.input_pipeline import images
 from transpose_jax.input_pipeline import transforms
 
@@ -99,7 +100,7 @@ class KeypointSplit:
 def _require(path: str, what: str, *, folder: bool = False) -> str:
   """`path` if it exists (a folder or a file); else an error naming it and
   the argument that overrides it."""
-  if not (os.path.isdir(path) if folder else os.path.isfile(path)):
+  if not paths.exists(path, folder=folder):
     override = 'image_dir=' if folder else 'annotation_file='
     raise FileNotFoundError(
         f'{what} {path!r} does not exist: check data.root / the split name '
@@ -282,10 +283,9 @@ def keypoint_set(config) -> keypoints.KeypointSet:
   k = int(config.model.num_joints)
   path = config.data.get('keypoints_file', '')
   if path:
-    if not os.path.isfile(path):
+    if not paths.exists(path):
       raise FileNotFoundError(f'config.data.keypoints_file {path!r} does not exist')
-    with open(path) as f:
-      coco = json.load(f)
+    coco = paths.read_json(path)
     if not isinstance(coco, dict):
       raise AnnotationError(f'{path}: not a COCO-format json object')
     return coco_keypoint_set(coco, path, k, oks_sigmas=tuple(config.data.oks_sigmas))[0]
@@ -352,8 +352,7 @@ def load_coco(root: str | None, split: str, *, is_train: bool,
     image_dir = os.path.join(root, 'images', 'test2017' if is_test else split)
   _require(annotation_file, 'COCO annotation file')
   _require(image_dir, 'COCO image folder', folder=True)
-  with open(annotation_file) as f:
-    coco = json.load(f)
+  coco = paths.read_json(annotation_file)
 
   if not isinstance(coco, dict):
     raise AnnotationError(f'{annotation_file}: not a COCO-format annotation file (expected a '
@@ -407,8 +406,7 @@ def load_coco(root: str | None, split: str, *, is_train: bool,
       raise ValueError('evaluation with use_gt_bbox=False needs '
                        'data.detection_file (a person detections json)')
     _require(detection_file, 'person detection file')
-    with open(detection_file) as f:
-      detections = json.load(f)
+    detections = paths.read_json(detection_file)
     for i, det in enumerate(detections):
       if det.get('category_id', 1) != 1:
         continue
@@ -479,8 +477,7 @@ def load_mpii(root: str | None, split: str, *, is_train: bool,
     image_dir = os.path.join(root, 'images')
   _require(annotation_file, 'MPII annotation file')
   _require(image_dir, 'MPII image folder', folder=True)
-  with open(annotation_file) as f:
-    annotations = json.load(f)
+  annotations = paths.read_json(annotation_file)
 
   has_joints = split != 'test'
   records, skipped = [], []

@@ -15,6 +15,7 @@ import logging
 import cv2
 import numpy as np
 
+from transpose_jax import paths
 from transpose_jax.input_pipeline import jpeg_roi
 
 logger = logging.getLogger(__name__)
@@ -100,8 +101,7 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
 def read_image_data(path: str) -> bytes:
   """The encoded bytes of an image file (BadImageError if unreadable)."""
   try:
-    with open(path, 'rb') as f:
-      return f.read()
+    return paths.read_bytes(path)
   except OSError as e:
     raise BadImageError(f'image {path!r} cannot be read: {e}') from e
 

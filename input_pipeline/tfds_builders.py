@@ -29,7 +29,6 @@ ArrayRecord files only hold decodable images.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +38,7 @@ from tensorflow_datasets.core import utils as tfds_utils
 
 from transpose_jax import config_schema
 from transpose_jax import keypoints
+from transpose_jax import paths
 from transpose_jax.input_pipeline import datasets
 from transpose_jax.input_pipeline import images
 
@@ -113,8 +113,7 @@ class _KeypointsBuilder(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: datasets.KeypointSplit):
     for i, r in enumerate(split.records):
       try:
-        with open(r['image_path'], 'rb') as f:
-          data = f.read()
+        data = images.read_image_data(r['image_path'])
         images.decode_image(data, r['image_path'])  # reject bad images now
       except (OSError, images.BadImageError) as e:
         images.report_bad_sample(e, self._fail)
@@ -261,7 +260,7 @@ def load_split(config, *, train: bool) -> datasets.KeypointSplit:
   """KeypointSplit read from config.data.tfds_data_dir (source = 'tfds')."""
   config_schema.check_choices(config, 'data.dataset')
   d = config.data
-  if not os.path.isdir(d.tfds_data_dir):
+  if not paths.exists(d.tfds_data_dir, folder=True):
     raise FileNotFoundError(f'TFDS data dir {d.tfds_data_dir!r} (config.data.tfds_data_dir) '
                             'does not exist')
   builder_cls = _BUILDERS[d.dataset]

@@ -35,6 +35,7 @@ from ml_collections import config_flags
 
 from transpose_jax import config_schema
 from transpose_jax import configs
+from transpose_jax import paths
 from transpose_jax.checkpoints import zoo
 from transpose_jax.kernels import xla_cpu
 
@@ -137,7 +138,8 @@ def check_command_line(argv: Sequence[str], *, default_config: str) -> None:
                             'as configs/tp_r_a3.py)')
   checkpoint = flag_value(argv, 'checkpoint')
   # An official model's name is fetched when it is read, after the cheaper checks.
-  missing = checkpoint and not os.path.exists(checkpoint) and not zoo.is_name(checkpoint)
+  missing = (checkpoint and not zoo.is_name(checkpoint)
+             and not paths.exists(checkpoint, folder=None))
   if _override_keys(argv, 'config') and not (missing and config == CHECKPOINT_CONFIG):
     check_config_overrides(argv, default_config=default_config)
   if missing:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from transpose_jax import kernels
+from transpose_jax import paths
 
 # Sub-dicts whose keys are free-form (parameter path prefixes).
 FREE_FORM = ('lr_overrides',)
@@ -354,5 +355,5 @@ def check(config: ml_collections.ConfigDict, *, device_count: int = 1,
   # model is built; this layer does not know the names.
   init_from = config.init_from
   if init_from and (os.sep in init_from or '/' in init_from or '.' in init_from):
-    need(os.path.exists(init_from), f'config.init_from={init_from!r} does not exist.')
+    need(paths.exists(init_from, folder=None), f'config.init_from={init_from!r} does not exist.')
   _raise(errors)

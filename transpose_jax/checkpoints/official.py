@@ -17,14 +17,15 @@ The CLI that writes an orbax checkpoint from a `.pth` is `transpose_jax.convert`
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
-import pathlib
 from typing import Callable, Mapping
 
 import numpy as np
 from flax import nnx
 
 from transpose_jax import models
+from transpose_jax import paths
 from transpose_jax.checkpoints import flat
 from transpose_jax.configs import tp_h_a4, tp_h_a6, tp_h_s, tp_r_a3, tp_r_a3_bilinear, tp_r_a4
 from transpose_jax.models import TransPose, layers, transformer
@@ -166,11 +167,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   state_dict or a training checkpoint holding one under 'state_dict'.
   """
   torch = torch_module(f'{path}: reading a .pth file')
-  path = pathlib.Path(path)
-  if not path.is_file():
+  path = os.fspath(path)
+  if not paths.exists(path):
     raise FileNotFoundError(f'checkpoint file not found: {path}')
+  local = paths.local_path(path)
   try:
-    obj = torch.load(path, map_location='cpu', weights_only=True)
+    obj = torch.load(local if local is not None else io.BytesIO(paths.read_bytes(path)),
+                     map_location='cpu', weights_only=True)
   except Exception as e:  # pickle, zip and unsafe-object errors all mean "not a checkpoint".
     raise CheckpointFileError(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: '
                      f'{str(e).splitlines()[0] if str(e) else ""}). Expected a .pth file holding a '

@@ -21,6 +21,7 @@ import os
 import pathlib
 import shutil
 
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -28,6 +29,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from transpose_jax import config_schema
+from transpose_jax import paths
 from transpose_jax import models
 from transpose_jax.checkpoints import flat
 from transpose_jax.checkpoints import official
@@ -96,7 +98,7 @@ def check_meta(meta: dict, config, path) -> None:
 
 def _manager(directory, **options) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      pathlib.Path(directory).absolute(), item_names=MODEL_ITEMS,
+      paths.resolve(directory), item_names=MODEL_ITEMS,
       options=ocp.CheckpointManagerOptions(create=True, **options))
 
 
@@ -144,10 +146,11 @@ def save_model(directory, model: nnx.Module, config, *, step: int = 0,
   return directory / str(step)
 
 
-def locate(path) -> tuple[pathlib.Path, int]:
-  """(manager directory, step) for a manager dir, a train workdir or a step folder."""
-  path = pathlib.Path(path).absolute()
-  if not path.exists():
+def locate(path) -> tuple[epath.Path, int]:
+  """(manager directory, step) for a manager dir, a train workdir or a step
+  folder; local, `file://` or in a bucket."""
+  path = paths.resolve(path)
+  if not paths.exists(path, folder=None):
     raise FileNotFoundError(f'checkpoint not found: {path}')
   for candidate in (path, path / 'checkpoints'):
     if candidate.is_dir():

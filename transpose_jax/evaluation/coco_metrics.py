@@ -180,11 +180,10 @@ def load_ground_truth(annotation_file: str):
   the records of `datasets.load_coco` use too: pycocotools reads the area
   for OKS and the area ranges. Files that have areas load unchanged.
   """
-  if not os.path.isfile(annotation_file):
+  if not paths.exists(annotation_file):
     raise FileNotFoundError(
         f'COCO annotation file {annotation_file!r} does not exist')
-  with open(annotation_file) as f:
-    data = json.load(f)
+  data = paths.read_json(annotation_file)
   for annotation in data.get('annotations', []):
     if 'area' not in annotation and 'bbox' in annotation:
       annotation['area'] = annotation['bbox'][2] * annotation['bbox'][3]
@@ -197,8 +196,7 @@ def load_ground_truth(annotation_file: str):
 
 def has_keypoint_annotations(annotation_file: str) -> bool:
   """False for image-info files such as COCO test-dev (nothing to score)."""
-  with open(annotation_file) as f:
-    data = json.load(f)
+  data = paths.read_json(annotation_file)
   return any('keypoints' in a for a in data.get('annotations', []))
 
 
@@ -284,7 +282,7 @@ def evaluate(predictions: Sequence[Mapping[str, Any]], annotation_file: str,
   Returns:
     The metrics dict, or None when nothing was scored (test-dev).
   """
-  if not os.path.isfile(annotation_file):
+  if not paths.exists(annotation_file):
     raise FileNotFoundError(
         f'COCO annotation file {annotation_file!r} does not exist')
   kept = rescore_and_nms(predictions, in_vis_thre=in_vis_thre,

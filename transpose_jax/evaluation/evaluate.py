@@ -70,8 +70,7 @@ def _global_batch_size(config, mesh) -> int:
 
 def _check_image_ids(split) -> None:
   """Detections of images the annotation file does not know are an error."""
-  with open(split.annotation_file) as f:
-    known = {im['id'] for im in json.load(f).get('images', [])}
+  known = {im['id'] for im in paths.read_json(split.annotation_file).get('images', [])}
   unknown = sorted({int(r['image_id']) for r in split.records} - known)
   if unknown:
     raise ValueError(
@@ -97,7 +96,7 @@ def check_split(config, split) -> None:
   elif split.name == 'mpii':
     if 'test' not in config.data.val_split:
       gt_file = mpii_gt_file(config)
-      if not os.path.isfile(gt_file):
+      if not paths.exists(gt_file):
         raise FileNotFoundError(
             f'MPII ground truth {gt_file!r} does not exist (the official '
             'annot/gt_{val_split}.mat under config.data.root)')
@@ -324,7 +323,7 @@ def evaluate_checkpoint(config, checkpoint: str | os.PathLike,
   config_schema.check(config)
   if workdir is not None:
     paths.check_reachable(paths.resolve(workdir))
-  if not os.path.exists(checkpoint) and not zoo.is_name(checkpoint):
+  if not zoo.is_name(checkpoint) and not paths.exists(checkpoint, folder=None):
     raise FileNotFoundError(f'checkpoint {os.fspath(checkpoint)!r} does not '
                             'exist')
   split = splits.build_split(config, train=False)

@@ -14,13 +14,14 @@ it. `pckh_per_joint` gives any other threshold.
 
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-import os
+import io
 from typing import Any
 
 import numpy as np
 import scipy.io
 
 from transpose_jax import keypoints
+from transpose_jax import paths
 
 SC_BIAS = 0.6
 THRESHOLD = 0.5
@@ -52,11 +53,11 @@ def load_ground_truth(gt_file: str) -> dict[str, Any]:
     Dict with 'joint_names' (list of str), 'jnt_missing' [16, N],
     'pos_gt_src' [16, 2, N] (1-based pixels), 'headboxes_src' [2, 2, N].
   """
-  if not os.path.isfile(gt_file):
+  if not paths.exists(gt_file):
     raise FileNotFoundError(
         f'MPII ground-truth file {gt_file!r} does not exist (the official '
         'annot/gt_valid.mat)')
-  mat = scipy.io.loadmat(gt_file)
+  mat = scipy.io.loadmat(io.BytesIO(paths.read_bytes(gt_file)))
   missing = [k for k in ('dataset_joints', 'jnt_missing', 'pos_gt_src',
                          'headboxes_src') if k not in mat]
   if missing:
