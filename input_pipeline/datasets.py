@@ -80,6 +80,8 @@ class KeypointSplit:
     keypoint_set: names, flip pairs, skeleton and OKS sigmas of the joints
       (COCO-format files: from their category, see `keypoints.from_coco_category`).
     category_id: the person category of a COCO-format file (results use it).
+    image_ids: ids of every image a COCO-format file lists (None: not read),
+      so that evaluation need not parse the file again to check detections.
   """
   name: str
   records: list[dict[str, Any]]
@@ -92,6 +94,7 @@ class KeypointSplit:
   num_skipped: int = 0
   keypoint_set: keypoints.KeypointSet | None = None
   category_id: int = 1
+  image_ids: frozenset[int] | None = None
 
   def __len__(self) -> int:
     return len(self.records)
@@ -437,7 +440,7 @@ def load_coco(root: str | None, split: str, *, is_train: bool,
       image_dir=image_dir, flip_pairs=joint_set.flip_pairs,
       num_joints=num_joints, upper_body_ids=joint_set.upper_body,
       aspect_ratio=aspect_ratio, num_skipped=len(skipped),
-      keypoint_set=joint_set, category_id=person_id)
+      keypoint_set=joint_set, category_id=person_id, image_ids=frozenset(images))
 
 
 def _image_id(name: str, fallback: int) -> int:

@@ -194,10 +194,10 @@ def load_ground_truth(annotation_file: str):
   return ground_truth
 
 
-def has_keypoint_annotations(annotation_file: str) -> bool:
-  """False for image-info files such as COCO test-dev (nothing to score)."""
-  data = paths.read_json(annotation_file)
-  return any('keypoints' in a for a in data.get('annotations', []))
+def has_keypoint_annotations(ground_truth) -> bool:
+  """False for image-info files such as COCO test-dev (nothing to score).
+  `ground_truth`: what `load_ground_truth` returns."""
+  return any('keypoints' in a for a in ground_truth.dataset.get('annotations', []))
 
 
 def zero_metrics() -> dict[str, float]:
@@ -282,9 +282,7 @@ def evaluate(predictions: Sequence[Mapping[str, Any]], annotation_file: str,
   Returns:
     The metrics dict, or None when nothing was scored (test-dev).
   """
-  if not paths.exists(annotation_file):
-    raise FileNotFoundError(
-        f'COCO annotation file {annotation_file!r} does not exist')
+  ground_truth = load_ground_truth(annotation_file)  # read once, also when not scored
   kept = rescore_and_nms(predictions, in_vis_thre=in_vis_thre,
                          oks_thre=oks_thre, soft_nms=soft_nms, sigmas=sigmas)
   results = coco_results(kept, category_id)
@@ -292,12 +290,12 @@ def evaluate(predictions: Sequence[Mapping[str, Any]], annotation_file: str,
     write_results(results, results_file)
     logger.info('wrote %d keypoint results to %s', len(results), results_file)
   if score_results is None:
-    score_results = has_keypoint_annotations(annotation_file)
+    score_results = has_keypoint_annotations(ground_truth)
   if not score_results:
     logger.info('%s has no keypoint annotations: results written, not scored',
                 annotation_file)
     return None
-  metrics = coco_keypoint_eval(annotation_file, results, verbose=verbose, sigmas=sigmas)
+  metrics = coco_keypoint_eval(ground_truth, results, verbose=verbose, sigmas=sigmas)
   if verbose:
     print(format_table(metrics))
   return metrics

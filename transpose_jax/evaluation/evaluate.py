@@ -70,7 +70,9 @@ def _global_batch_size(config, mesh) -> int:
 
 def _check_image_ids(split) -> None:
   """Detections of images the annotation file does not know are an error."""
-  known = {im['id'] for im in paths.read_json(split.annotation_file).get('images', [])}
+  known = split.image_ids
+  if known is None:
+    known = {im['id'] for im in paths.read_json(split.annotation_file).get('images', [])}
   unknown = sorted({int(r['image_id']) for r in split.records} - known)
   if unknown:
     raise ValueError(
