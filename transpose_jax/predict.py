@@ -58,7 +58,8 @@ _DET_EVERY = flags.DEFINE_integer(
     'frame\'s poses in between.')
 _MAX_FRAMES = flags.DEFINE_integer('max_frames', None, 'Videos: stop after N frames.')
 _OUTPUT = flags.DEFINE_string('output', None,
-                              'Output folder (keypoints.json, <name>_pose.jpg).')
+                              'Output folder (keypoints.json, <name>_pose.jpg; videos: '
+                              '<name>_pose.mp4, <name>.json).')
 _IMAGE_THRE = flags.DEFINE_float(
     'image_thre', None, 'Detection score threshold (default config.data.image_thre).')
 _KPT_THRESHOLD = flags.DEFINE_float(

@@ -142,3 +142,16 @@ def test_bad_videos_are_named(model, config, clip, tmp_path):
     video.predict_video(model, config, str(fake), tmp_path / 'out')
   with pytest.raises(ValueError, match='det_every=0'):
     video.predict_video(model, config, str(clip), tmp_path / 'out', det_every=0)
+
+
+def test_photos_with_an_onnx_detector(model, config, clip, onnx_detector, tmp_path):
+  folder = tmp_path / 'photos'
+  folder.mkdir()
+  for i, frame in enumerate(_frames(clip)[::FRAMES_PER_PHOTO]):
+    cv2.imwrite(str(folder / f'IMG_{i}.jpg'), frame)
+  results = predict.predict_path(model, config, folder, tmp_path / 'out',
+                                 detector=detect.make_detector(str(onnx_detector)))
+  assert len(results) == len(PHOTOS) * len(PERSONS)
+  np.testing.assert_allclose(
+      [r['bbox'] for r in results],
+      [[x1, y1, x2 - x1, y2 - y1] for x1, y1, x2, y2 in PERSONS] * len(PHOTOS), atol=0.01)
