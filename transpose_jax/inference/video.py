@@ -45,10 +45,11 @@ def open_video(source: str | int) -> cv2.VideoCapture:
     raise FileNotFoundError(f'video not found: {source}')
   capture = cv2.VideoCapture(source)
   if not capture.isOpened():
-    what = (f'camera {source}' if isinstance(source, int) else
-            f'{source}: not a video OpenCV (FFmpeg) can decode')
-    raise OSError(f'cannot open {what}; check the file (ffprobe) or the camera '
-                  'index (--camera=0 is the first camera)')
+    if isinstance(source, int):
+      raise OSError(f'cannot open camera {source}: check that it is connected and '
+                    'free (--camera=0 is the first camera)')
+    raise OSError(f'cannot open {source}: not a video OpenCV (FFmpeg) can decode; '
+                  'check the file (ffprobe) or re-encode it (ffmpeg -i IN OUT.mp4)')
   return capture
 
 
