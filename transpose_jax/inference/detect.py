@@ -24,12 +24,15 @@ only matters to `CocoDetections`, which looks the boxes up.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+import json
 import logging
 import os
 from typing import NamedTuple, Protocol
 
 import cv2
 import numpy as np
+import onnxruntime
 
 logger = logging.getLogger(__name__)
 
@@ -143,13 +146,45 @@ def nms_persons(boxes_xyxy: np.ndarray, scores: np.ndarray, score_thr: float,
 # -------------------------------------------------------------- detectors
 
 
+def load_detections(path: str | os.PathLike, image_thre: float = 0.0
+                    ) -> dict[int, list[tuple[np.ndarray, float]]]:
+  """Person detections {image_id: [(box [4], score), ...]} in file order.
+
+  Keeps category 1 (person) entries scoring >= image_thre, as evaluation on
+  detected boxes does.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'person detection file not found: {path}')
+  with open(path) as f:
+    try:
+      detections = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path} is not valid json: {e}') from e
+  if not isinstance(detections, list):
+    raise ValueError(f'{path}: expected a COCO detection list [{{image_id, '
+                     'category_id, bbox, score}}, ...]')
+  out: dict[int, list[tuple[np.ndarray, float]]] = {}
+  for i, det in enumerate(detections):
+    if not isinstance(det, Mapping) or 'image_id' not in det or 'bbox' not in det:
+      raise ValueError(f'{path}: entry {i} lacks image_id or bbox (COCO '
+                       'detection format)')
+    if det.get('category_id', 1) != 1:
+      continue
+    score = float(det.get('score', 1.0))
+    if score < image_thre:
+      continue
+    out.setdefault(int(det['image_id']), []).append(
+        (np.asarray(det['bbox'], np.float64), score))
+  return out
+
+
 class CocoDetections:
   """Person boxes from a COCO detection file, looked up by image id."""
 
   def __init__(self, path: str | os.PathLike, image_thre: float = 0.0):
-    from transpose_jax.inference import predict  # pylint: disable=g-import-not-at-top  # predict imports this module
     self.path = os.fspath(path)
-    self.by_image = predict.load_detections(path, image_thre)
+    self.by_image = load_detections(path, image_thre)
 
   def __call__(self, image_bgr: np.ndarray, image_id: int) -> Detections:
     found = self.by_image.get(int(image_id), [])
@@ -186,7 +221,6 @@ class OnnxDetector:
   def __init__(self, path: str | os.PathLike, *, score_thr: float = 0.5,
                nms_thr: float = 0.45, input_hw: tuple[int, int] | None = None,
                normalize: bool | None = None):
-    import onnxruntime  # pylint: disable=g-import-not-at-top  # only this detector needs it
     self.path = os.fspath(path)
     if not os.path.isfile(self.path):
       raise FileNotFoundError(f'person detector not found: {self.path} (pass an '

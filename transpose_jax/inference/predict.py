@@ -182,39 +182,6 @@ def whole_image_box(image_hw: Sequence[int]) -> np.ndarray:
   return np.array([0.0, 0.0, float(image_hw[1]), float(image_hw[0])])
 
 
-def load_detections(path: str | os.PathLike, image_thre: float = 0.0
-                    ) -> dict[int, list[tuple[np.ndarray, float]]]:
-  """Person detections {image_id: [(box [4], score), ...]} in file order.
-
-  Keeps category 1 (person) entries scoring >= image_thre, as evaluation on
-  detected boxes does.
-  """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'person detection file not found: {path}')
-  with open(path) as f:
-    try:
-      detections = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{path} is not valid json: {e}') from e
-  if not isinstance(detections, list):
-    raise ValueError(f'{path}: expected a COCO detection list [{{image_id, '
-                     'category_id, bbox, score}}, ...]')
-  out: dict[int, list[tuple[np.ndarray, float]]] = {}
-  for i, det in enumerate(detections):
-    if not isinstance(det, Mapping) or 'image_id' not in det or 'bbox' not in det:
-      raise ValueError(f'{path}: entry {i} lacks image_id or bbox (COCO '
-                       'detection format)')
-    if det.get('category_id', 1) != 1:
-      continue
-    score = float(det.get('score', 1.0))
-    if score < image_thre:
-      continue
-    out.setdefault(int(det['image_id']), []).append(
-        (np.asarray(det['bbox'], np.float64), score))
-  return out
-
-
 def crop_person(image: np.ndarray, box: Sequence[float],
                 image_size: Sequence[int]
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -450,7 +417,7 @@ def predict_path(model, config, image_path: str | os.PathLike,
   box_scores: list[Any] = [None] * len(files)
   if detection_file:
     thre = float(config.data.image_thre) if image_thre is None else image_thre
-    detections = load_detections(detection_file, thre)
+    detections = detect.load_detections(detection_file, thre)
     matched = [i for i, image_id in enumerate(image_ids)
                if image_id in detections]
     if not matched:
