@@ -80,7 +80,8 @@ def yolox_file(path: pathlib.Path, anchors) -> pathlib.Path:
   return _export(_module([raw], [mask]), path, ['output'])
 
 
-def end2end_file(path: pathlib.Path, dets, labels, pad_score_row=None) -> pathlib.Path:
+def end2end_file(path: pathlib.Path, dets, labels, pad_score_row=None, *,
+                 labels_first: bool = False) -> pathlib.Path:
   """mmdeploy's end2end outputs: dets [1, N, 5] (x1, y1, x2, y2, score in
   network-input pixels) and labels [1, N]; row pad_score_row's score gets
   the (normalised) pad pixel added."""
@@ -89,8 +90,11 @@ def end2end_file(path: pathlib.Path, dets, labels, pad_score_row=None) -> pathli
   if pad_score_row is not None:
     mask[0, pad_score_row, 4] = 1.0
   labels = np.asarray(labels, np.int64)[None]
-  return _export(_module([dets, labels], [mask, np.zeros(labels.shape, np.float32)]),
-                 path, ['dets', 'labels'])
+  outputs = [('dets', dets, mask), ('labels', labels, np.zeros(labels.shape, np.float32))]
+  if labels_first:
+    outputs.reverse()
+  return _export(_module([o[1] for o in outputs], [o[2] for o in outputs]), path,
+                 [o[0] for o in outputs])
 
 
 def other_file(path: pathlib.Path) -> pathlib.Path:

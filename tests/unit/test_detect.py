@@ -88,6 +88,11 @@ def test_end2end_dets_and_labels_rtmdet(tmp_path):
   raw = detect.OnnxDetector(path.rename(tmp_path / 'yolox_m.onnx'), score_thr=0.4)
   assert not raw.normalize
   assert raw(_image(), 0).scores.max() == pytest.approx(114.5)
+  swapped = onnx_detectors.end2end_file(tmp_path / 'rtmdet_s.onnx', dets, [0, 0, 2, 0],
+                                        pad_score_row=0, labels_first=True)
+  again = detect.OnnxDetector(swapped, score_thr=0.4)(_image(), 0)
+  np.testing.assert_allclose(again.boxes, found.boxes)
+  np.testing.assert_allclose(again.scores, found.scores)
 
 
 def test_unknown_files_are_named(tmp_path):

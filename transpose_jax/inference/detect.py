@@ -249,12 +249,17 @@ class OnnxDetector:
                 *self.input_hw, 'normalised' if self.normalize else 'raw')
 
   def _layout(self, outputs) -> str:
-    ranks = [len(o.shape) for o in outputs]
-    last = [o.shape[-1] for o in outputs]
-    if len(outputs) == 1 and ranks == [3] and isinstance(last[0], int) and last[0] > 5:
+    """'yolox' or 'end2end'; sets which output holds dets and labels."""
+    shapes = [list(o.shape) for o in outputs]
+    if len(shapes) == 1 and len(shapes[0]) == 3 and isinstance(shapes[0][-1], int) \
+        and shapes[0][-1] > 5:
       return 'yolox'
-    if len(outputs) in (1, 2) and ranks[0] == 3 and last[0] == 5 and (
-        len(outputs) == 1 or ranks[1] == 2):
+    dets = [i for i, s in enumerate(shapes) if len(s) == 3 and s[-1] == 5]
+    labels = [i for i, s in enumerate(shapes) if len(s) == 2]
+    # Exporters name them dets and labels but do not all keep that order.
+    if len(dets) == 1 and len(labels) <= 1 and len(shapes) == 1 + len(labels):
+      self.dets_index = dets[0]
+      self.labels_index = labels[0] if labels else None
       return 'end2end'
     raise _layout_error(self.path, outputs)
 
@@ -275,10 +280,10 @@ class OnnxDetector:
       found = nms_persons(boxes, class_scores[:, PERSON_CLASS], self.score_thr,
                           self.nms_thr)
     else:
-      dets = np.asarray(outputs[0][0], np.float64)
+      dets = np.asarray(outputs[self.dets_index][0], np.float64)
       keep = dets[:, 4] > self.score_thr
-      if len(outputs) > 1:
-        keep &= np.asarray(outputs[1][0]).reshape(-1) == PERSON_CLASS
+      if self.labels_index is not None:
+        keep &= np.asarray(outputs[self.labels_index][0]).reshape(-1) == PERSON_CLASS
       order = np.argsort(-dets[keep, 4], kind='stable')
       found = Detections(xyxy_to_xywh(dets[keep, :4][order]), dets[keep, 4][order])
     # Letterboxing only scaled (no offset: the image sits at the top left).
