@@ -97,7 +97,7 @@ def end2end_file(path: pathlib.Path, dets, labels, pad_score_row=None, *,
                  [o[0] for o in outputs])
 
 
-def other_file(path: pathlib.Path) -> pathlib.Path:
-  """A graph of no detector layout: one [1, 10] output."""
-  return _export(_module([np.zeros((1, 10), np.float32)], [np.zeros((1, 10), np.float32)]),
+def other_file(path: pathlib.Path, shape=(1, 10)) -> pathlib.Path:
+  """A graph of no detector layout (default: one [1, 10] output)."""
+  return _export(_module([np.zeros(shape, np.float32)], [np.zeros(shape, np.float32)]),
                  path, ['logits'])

@@ -100,6 +100,8 @@ def test_unknown_files_are_named(tmp_path):
   with pytest.raises(ValueError, match=r'classifier.onnx: not a person detector.*'
                      r'logits \[1, 10\].*dets \[1, N, 5\]'):
     detect.OnnxDetector(path)
+  with pytest.raises(ValueError, match=r'v8.onnx: output \[1, 85, 8400\] is not YOLOX'):
+    detect.OnnxDetector(onnx_detectors.other_file(tmp_path / 'v8.onnx', (1, 85, 8400)))
   broken = tmp_path / 'broken.onnx'
   broken.write_bytes(b'not a graph')
   with pytest.raises(ValueError, match='broken.onnx: not a readable ONNX graph'):

@@ -242,6 +242,14 @@ class OnnxDetector:
                      tuple(input_hw or (640, 640)))
     self.input_name = inputs[0].name
     self.layout = self._layout(outputs)
+    anchors = yolox_grid(self.input_hw)[0].shape[0]
+    if self.layout == 'yolox' and outputs[0].shape[1] not in (anchors, None) and \
+        isinstance(outputs[0].shape[1], int):
+      raise ValueError(
+          f'{self.path}: output {list(outputs[0].shape)} is not YOLOX\'s raw layout '
+          f'for its {self.input_hw[0]}x{self.input_hw[1]} input, [1, {anchors}, 5 + '
+          'classes] (anchors of the stride 8/16/32 grids); other layouts (YOLOv8\'s '
+          '[1, 4 + classes, anchors]) are not read')
     if normalize is None:
       normalize = 'rtmdet' in os.path.basename(self.path).lower()
     self.normalize = bool(normalize)
