@@ -1,1 +1,1 @@
-"""Inference on any image: poses (`predict`), attention explanations (`explain`), pictures (`visualize`); the model as a file for other runtimes (`export`)."""
+"""Inference on any image or video: poses (`predict`), person detectors (`detect`), videos and tracks (`video`), attention explanations (`explain`), pictures (`visualize`); the model as a file for other runtimes (`export`)."""

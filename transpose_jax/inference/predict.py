@@ -37,6 +37,7 @@ import numpy as np
 from transpose_jax.evaluation import coco_metrics
 from transpose_jax.evaluation import decode
 from transpose_jax.evaluation import forward
+from transpose_jax.inference import detect
 from transpose_jax.inference import visualize
 from transpose_jax.input_pipeline import datasets
 from transpose_jax.input_pipeline import images as images_lib
@@ -45,6 +46,7 @@ from transpose_jax.input_pipeline import transforms
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
+VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.m4v', '.mpg', '.mpeg')
 # Crops per predict_heatmaps call when many images are processed at once.
 _CHUNK = 256
 
@@ -123,11 +125,17 @@ def list_images(path: str | os.PathLike) -> list[str]:
     files = sorted(os.path.join(path, f) for f in os.listdir(path)
                    if f.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
+      videos = [f for f in os.listdir(path) if f.lower().endswith(VIDEO_EXTENSIONS)]
+      hint = (f'; videos go one at a time: --video={os.path.join(path, videos[0])}'
+              if videos else '')
       raise FileNotFoundError(
-          f'no image ({", ".join(IMAGE_EXTENSIONS)}) in folder {path}')
+          f'no image ({", ".join(IMAGE_EXTENSIONS)}) in folder {path}{hint}')
     return files
   if not os.path.isfile(path):
     raise FileNotFoundError(f'image not found: {path}')
+  if path.lower().endswith(VIDEO_EXTENSIONS):
+    raise ValueError(f'{path} is a video: pass it as --video={path} (--image takes '
+                     'an image file or a folder of them)')
   return [path]
 
 
@@ -172,39 +180,6 @@ def check_box(box: Sequence[float], image_hw: Sequence[int],
 def whole_image_box(image_hw: Sequence[int]) -> np.ndarray:
   """The box of the whole image, [0, 0, W, H]."""
   return np.array([0.0, 0.0, float(image_hw[1]), float(image_hw[0])])
-
-
-def load_detections(path: str | os.PathLike, image_thre: float = 0.0
-                    ) -> dict[int, list[tuple[np.ndarray, float]]]:
-  """Person detections {image_id: [(box [4], score), ...]} in file order.
-
-  Keeps category 1 (person) entries scoring >= image_thre, as evaluation on
-  detected boxes does.
-  """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'person detection file not found: {path}')
-  with open(path) as f:
-    try:
-      detections = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{path} is not valid json: {e}') from e
-  if not isinstance(detections, list):
-    raise ValueError(f'{path}: expected a COCO detection list [{{image_id, '
-                     'category_id, bbox, score}}, ...]')
-  out: dict[int, list[tuple[np.ndarray, float]]] = {}
-  for i, det in enumerate(detections):
-    if not isinstance(det, Mapping) or 'image_id' not in det or 'bbox' not in det:
-      raise ValueError(f'{path}: entry {i} lacks image_id or bbox (COCO '
-                       'detection format)')
-    if det.get('category_id', 1) != 1:
-      continue
-    score = float(det.get('score', 1.0))
-    if score < image_thre:
-      continue
-    out.setdefault(int(det['image_id']), []).append(
-        (np.asarray(det['bbox'], np.float64), score))
-  return out
 
 
 def crop_person(image: np.ndarray, box: Sequence[float],
@@ -256,11 +231,19 @@ def _person(keypoints: np.ndarray, box: np.ndarray, box_score: float,
   }
 
 
-def _infer(model, config, crops: list[np.ndarray], centers, scales
-           ) -> tuple[np.ndarray, np.ndarray]:
-  """Keypoints [N, K, 3] (image pixels, score) for crops, as evaluation."""
+def predict_crops(model, config, crops: Sequence[np.ndarray], centers, scales
+                  ) -> np.ndarray:
+  """Keypoints [N, K, 3] (image pixels, score) of many crops at once, as
+  evaluation infers them: batches of config.eval.batch_size, flip test per
+  config.eval, DARK decoding.
+
+  Args:
+    crops: RGB uint8 [h, w, 3] network inputs (`crop_person`).
+    centers, scales: per crop, the center and scale `crop_person` returned:
+      they map the heatmaps back to image pixels.
+  """
   k = int(config.model.num_joints)
-  if not crops:
+  if len(crops) == 0:
     return np.zeros((0, k, 3), np.float32)
   joint_set = datasets.keypoint_set(config)
   out = []
@@ -324,7 +307,7 @@ def predict_images(model, config, images: Sequence[np.ndarray],
       centers.append(center)
       scales.append(scale)
       owners.append((i, box, float(scores[j])))
-  keypoints = _infer(model, config, crops, centers, scales)
+  keypoints = predict_crops(model, config, crops, centers, scales)
   results: list[list[dict[str, Any]]] = [[] for _ in images]
   in_vis_thre = float(config.data.in_vis_thre)
   for n, (i, box, score) in enumerate(owners):
@@ -418,8 +401,12 @@ def predict_path(model, config, image_path: str | os.PathLike,
                  output_dir: str | os.PathLike, *,
                  detection_file: str | os.PathLike | None = None,
                  image_thre: float | None = None,
-                 kpt_threshold: float | None = None) -> list[dict[str, Any]]:
+                 kpt_threshold: float | None = None,
+                 detector: detect.Detector | None = None) -> list[dict[str, Any]]:
   """What the CLI does: poses of an image or folder, written to output_dir.
+
+  Person boxes come from `detection_file`, else from `detector`
+  (`inference.detect`), else each image is one person.
 
   Returns:
     The COCO results entries written to OUTPUT/keypoints.json.
@@ -430,7 +417,7 @@ def predict_path(model, config, image_path: str | os.PathLike,
   box_scores: list[Any] = [None] * len(files)
   if detection_file:
     thre = float(config.data.image_thre) if image_thre is None else image_thre
-    detections = load_detections(detection_file, thre)
+    detections = detect.load_detections(detection_file, thre)
     matched = [i for i, image_id in enumerate(image_ids)
                if image_id in detections]
     if not matched:
@@ -448,6 +435,15 @@ def predict_path(model, config, image_path: str | os.PathLike,
       box_scores[i] = [s for _, s in found]
     where = [f'{f} (image id {image_ids[i]}, boxes from {detection_file})'
              for i, f in enumerate(files)]
+  elif detector is not None:
+    for i, file in enumerate(files):
+      image = read_image(file)
+      found = detect.keep_usable(detector(image[..., ::-1], image_ids[i]),
+                                 image.shape[:2])
+      if not len(found.boxes):
+        logger.warning('%s: the detector found no person; skipped', file)
+      boxes[i], box_scores[i] = list(found.boxes), list(found.scores)
+    where = list(files)
   else:
     where = list(files)
   keep = [i for i in range(len(files)) if boxes[i] is None or boxes[i]]
