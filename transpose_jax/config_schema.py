@@ -165,6 +165,22 @@ def defaults() -> ml_collections.ConfigDict:
 # ------------------------------------------------------------------- keys
 
 
+def at_image_size(config: ml_collections.ConfigDict, image_size: tuple[int, int]
+                  ) -> ml_collections.ConfigDict:
+  """`config` at another input size (height, width): heatmaps at 1/4, the
+  variant named `<variant>_<h>x<w>`.
+
+  Only the sine position table depends on the size (rebuilt from it when the
+  model is built); every learned layer is the same, so the 256x192 official
+  checkpoints load into these configs (`checkpoints.official`).
+  """
+  height, width = image_size
+  config.model.image_size = (height, width)
+  config.model.heatmap_size = (height // 4, width // 4)
+  config.variant = f'{config.variant}_{height}x{width}'
+  return config
+
+
 def _keys(node: Any) -> list[str]:
   return sorted(node.keys()) if hasattr(node, 'keys') else []
 

@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import PROJECT_ROOT
 from transpose_jax import models
 from transpose_jax.checkpoints import flat, official, store
+from transpose_jax.models import transformer
 
 VARIANTS = ('tp_r_a3', 'tp_r_a4', 'tp_h_s', 'tp_h_a4', 'tp_h_a6')
 # reference/README.md "Suggested tolerances" (10x the official model's own float noise).
@@ -90,12 +91,40 @@ def test_wrong_variant_is_refused_with_the_mismatches(reference_dir):
   assert error.value.missing and error.value.unexpected and error.value.mismatched
 
 
-def test_other_image_size_is_refused_with_a_hint(reference_dir):
-  config = official.variant_config('tp_r_a3')
-  config.model.image_size = (384, 288)
-  config.model.heatmap_size = (96, 72)
+@pytest.mark.parametrize('variant', sorted(TOLERANCES))
+def test_256x192_checkpoint_loads_into_the_384x288_config(variant, reference_dir):
+  """Learned weights load unchanged; the fixed sine table is the 384x288 one."""
+  path = reference_dir / variant / 'state_dict.pth'
+  state_dict = official.read_state_dict(path)
+  config = official.variant_config(f'{variant}_384x288')
+  model = models.build(config.model, seed=config.seed)
+  report = official.load_state_dict(model, state_dict, source=str(path))
+  assert report.rebuilt == ['pos_embedding'] and 'rebuilt pos_embedding' in report.summary()
+  assert set(report.loaded) == set(state_dict) - {'pos_embedding'}
+  assert not (report.missing or report.unexpected or report.mismatched)
+  back = official.to_official(model)
+  for key in report.loaded:
+    np.testing.assert_array_equal(back[key], state_dict[key], err_msg=key)
+  np.testing.assert_array_equal(back['pos_embedding'][:, 0],
+                                transformer.sine_position_embedding(*model.feature_hw,
+                                                                    config.model.d_model))
+
+
+def test_other_image_size_is_refused_for_a_learned_table(reference_dir):
+  """A learned position table (or a stored one that is not the sine table)
+  only fits the size it was trained at: still an error naming the fix."""
+  path = reference_dir / 'tp_r_a3' / 'state_dict.pth'
+  state_dict = official.read_state_dict(path)
+  learnable = official.variant_config('tp_r_a3_384x288')
+  learnable.model.pos_embedding = 'learnable'
   with pytest.raises(flat.WeightMismatchError, match='image_size'):
-    official.load_official(reference_dir / 'tp_r_a3' / 'state_dict.pth', config)
+    official.load_state_dict(models.build(learnable.model), state_dict, source=str(path))
+  trained = dict(state_dict, pos_embedding=np.random.default_rng(0).standard_normal(
+      state_dict['pos_embedding'].shape).astype(np.float32))
+  with pytest.raises(flat.WeightMismatchError, match='pos_embedding.*image_size') as error:
+    official.load_state_dict(models.build(official.variant_config('tp_r_a3_384x288').model),
+                             trained, source=str(path))
+  assert [m[0] for m in error.value.mismatched] == ['pos_embedding']
 
 
 def test_module_prefix_and_training_checkpoint_wrapper(tmp_path, reference_dir):
