@@ -293,8 +293,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 def test_explain_tp_h_a4_at_384x288_peaks_under_2_gb(mode):
   """Every layer's maps and the picture of a 384x288 TP-H-A4 crop (random
   weights) in one process under 2 GB. Measured 2026-11-29 (2-core x86_64,
-  CPU jax): 709 MB (dependency, last layer) and 759 MB (affected, all
-  layers); the full [layers, L, L] maps alone took the process to 2079 MB."""
+  CPU jax, ru_maxrss): 760 MiB (dependency) and 759 MiB (affected); the
+  former full [layers, L, L] maps alone took the process to 2079 MiB."""
   proc = subprocess.run([sys.executable, '-c', _PEAK_MEMORY_SCRIPT, mode], cwd=PROJECT_ROOT,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
