@@ -80,6 +80,14 @@ def test_variant_is_recognised_from_keys_and_shapes(variant, manifest):
   assert official.detect_variant(shapes_only) == variant
 
 
+def test_384x288_variant_is_recognised_from_its_table_size():
+  """A state_dict saved from a 384x288 model (its pos_embedding has 96x72
+  tokens) is recognised as the 384x288 config; the 256x192 one is not."""
+  shapes = official._official_shapes(official.variant_config('tp_h_s_384x288').model)  # pylint: disable=protected-access
+  assert official.detect_variant({k: np.empty(v, np.int8) for k, v in shapes.items()}) == (
+      'tp_h_s_384x288')
+
+
 def test_wrong_variant_is_refused_with_the_mismatches(reference_dir):
   with pytest.raises(flat.WeightMismatchError) as error:
     official.load_official(reference_dir / 'tp_h_s' / 'state_dict.pth',

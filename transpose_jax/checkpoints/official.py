@@ -251,15 +251,22 @@ def variant_config(name: str):
 
 
 def _signature_of_state_dict(shapes: Mapping[str, tuple]) -> tuple:
-  """Cheap fingerprint (head, d_model, layers, HRNet width) to shortlist variants."""
+  """Cheap fingerprint (head, d_model, layers, HRNet width, tokens) to shortlist variants."""
   layers = {k.split('.')[2] for k in shapes if k.startswith('global_encoder.layers.')}
   return ('deconv_layers.0.weight' in shapes, shapes.get('reduce.weight', (None,))[0],
-          len(layers), shapes.get('transition1.0.0.weight', (None,))[0])
+          len(layers), shapes.get('transition1.0.0.weight', (None,))[0],
+          shapes.get('pos_embedding', (None,))[0])
 
 
 def _signature_of_config(model_config) -> tuple:
-  width = model_config.hrnet.stage2.num_channels[0] if model_config.name == 'transpose_h' else None
-  return (model_config.head == 'deconv', model_config.d_model, model_config.encoder_layers, width)
+  m = model_config
+  width = m.hrnet.stage2.num_channels[0] if m.name == 'transpose_h' else None
+  # Token count: ResNet-S features are at 1/8, HRNet-S's at 1/4 (a wrong
+  # guess only widens the search to every variant).
+  stride = 8 if m.name == 'transpose_r' else 4
+  tokens = (None if m.pos_embedding == 'none'
+            else (m.image_size[0] // stride) * (m.image_size[1] // stride))
+  return (m.head == 'deconv', m.d_model, m.encoder_layers, width, tokens)
 
 
 def _official_shapes(model_config) -> dict[str, tuple]:
