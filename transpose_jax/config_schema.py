@@ -166,6 +166,26 @@ def defaults() -> ml_collections.ConfigDict:
 # ------------------------------------------------------------------- keys
 
 
+def at_image_size(config: ml_collections.ConfigDict, image_size: tuple[int, int]
+                  ) -> ml_collections.ConfigDict:
+  """`config` at another input size (height, width): heatmaps at 1/4, the
+  variant named `<variant>_<h>x<w>` (configs/<variant>_384x288.py).
+
+  Only the sine position table depends on the size: the model builds it for
+  its token grid as the official `_make_sine_position_embedding` does from
+  `IMAGE_SIZE` (written (w, h) in the official yacs configs). Every learned
+  layer keeps its shape, so the official 256x192 checkpoints load into these
+  configs with the table rebuilt (`checkpoints.official`; `python -m
+  transpose_jax.convert --config=configs/<variant>_384x288.py ...`). Attention
+  memory in training grows with L^2 (L = 6912 for TransPose-H at 384x288).
+  """
+  height, width = image_size
+  config.model.image_size = (height, width)
+  config.model.heatmap_size = (height // 4, width // 4)
+  config.variant = f'{config.variant}_{height}x{width}'
+  return config
+
+
 def _keys(node: Any) -> list[str]:
   return sorted(node.keys()) if hasattr(node, 'keys') else []
 

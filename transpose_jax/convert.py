@@ -49,6 +49,9 @@ def main(argv) -> None:
   model = models.build(config.model, seed=config.seed)
   report = official.load_state_dict(model, state_dict, partial=_PARTIAL.value,
                                     source=_CHECKPOINT.value)
+  if report.rebuilt:
+    print(f'{", ".join(report.rebuilt)}: the checkpoint\'s fixed sine table is of another image '
+          f'size; rebuilt for {tuple(config.model.image_size)} (learned layers load unchanged)')
   if _PARTIAL.value:
     print(report.summary())
     for title, names in (('missing', report.missing), ('unexpected', report.unexpected),

@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import PROJECT_ROOT
 from transpose_jax import models
 from transpose_jax.checkpoints import flat, official, store
+from transpose_jax.models import transformer
 
 VARIANTS = ('tp_r_a3', 'tp_r_a4', 'tp_h_s', 'tp_h_a4', 'tp_h_a6')
 # reference/README.md "Suggested tolerances" (10x the official model's own float noise).
@@ -79,6 +80,14 @@ def test_variant_is_recognised_from_keys_and_shapes(variant, manifest):
   assert official.detect_variant(shapes_only) == variant
 
 
+def test_384x288_variant_is_recognised_from_its_table_size():
+  """A state_dict saved from a 384x288 model (its pos_embedding has 96x72
+  tokens) is recognised as the 384x288 config; the 256x192 one is not."""
+  shapes = official._official_shapes(official.variant_config('tp_h_s_384x288').model)  # pylint: disable=protected-access
+  assert official.detect_variant({k: np.empty(v, np.int8) for k, v in shapes.items()}) == (
+      'tp_h_s_384x288')
+
+
 def test_wrong_variant_is_refused_with_the_mismatches(reference_dir):
   with pytest.raises(flat.WeightMismatchError) as error:
     official.load_official(reference_dir / 'tp_h_s' / 'state_dict.pth',
@@ -90,12 +99,40 @@ def test_wrong_variant_is_refused_with_the_mismatches(reference_dir):
   assert error.value.missing and error.value.unexpected and error.value.mismatched
 
 
-def test_other_image_size_is_refused_with_a_hint(reference_dir):
-  config = official.variant_config('tp_r_a3')
-  config.model.image_size = (384, 288)
-  config.model.heatmap_size = (96, 72)
+@pytest.mark.parametrize('variant', sorted(TOLERANCES))
+def test_256x192_checkpoint_loads_into_the_384x288_config(variant, reference_dir):
+  """Learned weights load unchanged; the fixed sine table is the 384x288 one."""
+  path = reference_dir / variant / 'state_dict.pth'
+  state_dict = official.read_state_dict(path)
+  config = official.variant_config(f'{variant}_384x288')
+  model = models.build(config.model, seed=config.seed)
+  report = official.load_state_dict(model, state_dict, source=str(path))
+  assert report.rebuilt == ['pos_embedding'] and 'rebuilt pos_embedding' in report.summary()
+  assert set(report.loaded) == set(state_dict) - {'pos_embedding'}
+  assert not (report.missing or report.unexpected or report.mismatched)
+  back = official.to_official(model)
+  for key in report.loaded:
+    np.testing.assert_array_equal(back[key], state_dict[key], err_msg=key)
+  np.testing.assert_array_equal(back['pos_embedding'][:, 0],
+                                transformer.sine_position_embedding(*model.feature_hw,
+                                                                    config.model.d_model))
+
+
+def test_other_image_size_is_refused_for_a_learned_table(reference_dir):
+  """A learned position table (or a stored one that is not the sine table)
+  only fits the size it was trained at: still an error naming the fix."""
+  path = reference_dir / 'tp_r_a3' / 'state_dict.pth'
+  state_dict = official.read_state_dict(path)
+  learnable = official.variant_config('tp_r_a3_384x288')
+  learnable.model.pos_embedding = 'learnable'
   with pytest.raises(flat.WeightMismatchError, match='image_size'):
-    official.load_official(reference_dir / 'tp_r_a3' / 'state_dict.pth', config)
+    official.load_state_dict(models.build(learnable.model), state_dict, source=str(path))
+  trained = dict(state_dict, pos_embedding=np.random.default_rng(0).standard_normal(
+      state_dict['pos_embedding'].shape).astype(np.float32))
+  with pytest.raises(flat.WeightMismatchError, match='pos_embedding.*image_size') as error:
+    official.load_state_dict(models.build(official.variant_config('tp_r_a3_384x288').model),
+                             trained, source=str(path))
+  assert [m[0] for m in error.value.mismatched] == ['pos_embedding']
 
 
 def test_module_prefix_and_training_checkpoint_wrapper(tmp_path, reference_dir):
@@ -198,3 +235,66 @@ def test_pth_without_pytorch_is_one_line_saying_what_to_install(reference_dir, t
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr
   assert 'needs PyTorch' in proc.stderr and 'pip install torch' in proc.stderr
   assert not (tmp_path / 'o').exists()
+
+
+def _official_encoder_and_head(features, pos, sd, layers, n_head, deconv):
+  """The official TransPose encoder + head in PyTorch ops, from its state_dict.
+
+  An independent transcription of the official forward past the backbone
+  (reference/README.md "How the official code computes it"): post-norm
+  layers with q = k = src + pos and v = src, `nn.MultiheadAttention`'s packed
+  projection; then (TP-R) ConvTranspose2d k4 s2 p1 + BN + ReLU, and the 1x1
+  final layer. `features` [N, h, w, d] (the reduce conv output), `pos` [L, d].
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  t = lambda name: sd[name]
+  n, h, w, d = features.shape
+  src = torch.from_numpy(np.array(features.reshape(n, h * w, d).transpose(1, 0, 2)))
+  pos = torch.from_numpy(np.array(pos))[:, None, :]
+  for i in range(layers):
+    p = f'global_encoder.layers.{i}.'
+    qk = src + pos
+    attended = F.multi_head_attention_forward(
+        qk, qk, src, d, n_head, t(p + 'self_attn.in_proj_weight'), t(p + 'self_attn.in_proj_bias'),
+        None, None, False, 0.0, t(p + 'self_attn.out_proj.weight'),
+        t(p + 'self_attn.out_proj.bias'), training=False, need_weights=False)[0]
+    src = F.layer_norm(src + attended, (d,), t(p + 'norm1.weight'), t(p + 'norm1.bias'), 1e-5)
+    hidden = F.linear(F.relu(F.linear(src, t(p + 'linear1.weight'), t(p + 'linear1.bias'))),
+                      t(p + 'linear2.weight'), t(p + 'linear2.bias'))
+    src = F.layer_norm(src + hidden, (d,), t(p + 'norm2.weight'), t(p + 'norm2.bias'), 1e-5)
+  x = src.permute(1, 2, 0).reshape(n, d, h, w)
+  if deconv:
+    x = F.conv_transpose2d(x, t('deconv_layers.0.weight'), stride=2, padding=1)
+    x = F.relu(F.batch_norm(x, t('deconv_layers.1.running_mean'), t('deconv_layers.1.running_var'),
+                            t('deconv_layers.1.weight'), t('deconv_layers.1.bias'), False, 0.0, 1e-5))
+  return F.conv2d(x, t('final_layer.weight'), t('final_layer.bias')).numpy()     # [N, K, H, W]
+
+
+@pytest.mark.parametrize('variant', [
+    'tp_r_a3', pytest.param('tp_h_s', marks=pytest.mark.slow)])  # tp_h_s: ~40 s (L = 6912)
+def test_384x288_forward_equals_the_official_encoder_and_head(variant, reference_dir):
+  """A 256x192 fixture checkpoint at 384x288: everything the size changes
+  (the token grid, the sine table, the encoder over L tokens, the head) is
+  what the official ops compute from the same state_dict, with the table
+  from the official formula; the backbone is fully convolutional and matches
+  the official one at 256x192 (test_parity_with_official_outputs)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from tests.unit.test_models import official_sine_formula  # pylint: disable=g-import-not-at-top
+  path = reference_dir / variant / 'state_dict.pth'
+  config = official.variant_config(f'{variant}_384x288')
+  model = official.load_official(path, config)
+  rng = np.random.default_rng(3)
+  crops = rng.integers(0, 256, (1, 384, 288, 3), dtype=np.uint8)
+  out = model.intermediates(models.normalize_images(crops), attention=None)
+  fh, fw = model.feature_hw
+  features = np.asarray(out['features']).reshape(1, fh, fw, -1)
+  sd = torch.load(path, weights_only=True)
+  m = config.model
+  with torch.no_grad():
+    expected = _official_encoder_and_head(
+        features, official_sine_formula(fh, fw, m.d_model), sd, m.encoder_layers, m.n_head,
+        deconv=m.head == 'deconv')
+  assert expected.shape == (1, 17, 96, 72)
+  np.testing.assert_allclose(np.asarray(out['heatmaps']).transpose(0, 3, 1, 2), expected,
+                             rtol=0, atol=TOLERANCES[variant]['heatmaps'])

@@ -28,11 +28,14 @@ from transpose_jax import models
 from transpose_jax import paths
 from transpose_jax.checkpoints import flat
 from transpose_jax.configs import tp_h_a4, tp_h_a6, tp_h_s, tp_r_a3, tp_r_a3_bilinear, tp_r_a4
+from transpose_jax.configs import (tp_h_a4_384x288, tp_h_a6_384x288, tp_h_s_384x288,
+                                   tp_r_a3_384x288, tp_r_a4_384x288)
 from transpose_jax.models import TransPose, layers, transformer
 
 # The official variants by name, as `configs/<name>.py` defines them.
 VARIANT_CONFIGS = {module.__name__.rsplit('.', 1)[-1]: module for module in (
-    tp_r_a3, tp_r_a4, tp_h_s, tp_h_a4, tp_h_a6, tp_r_a3_bilinear)}
+    tp_r_a3, tp_r_a4, tp_h_s, tp_h_a4, tp_h_a6, tp_r_a3_bilinear, tp_r_a3_384x288,
+    tp_r_a4_384x288, tp_h_s_384x288, tp_h_a4_384x288, tp_h_a6_384x288)}
 VARIANTS = tuple(VARIANT_CONFIGS)
 _BACKBONE_MODULES = frozenset({'conv1', 'bn1', 'conv2', 'bn2', 'layer1', 'layer2', 'transition1',
                                'stage2', 'transition2', 'stage3'})
@@ -109,10 +112,14 @@ class LoadReport:
   missing: list[str]           # model weights the checkpoint did not provide (left as initialised)
   unexpected: list[str]        # checkpoint entries with no place in the model
   mismatched: list[tuple]      # (key, checkpoint shape, model shape), left as initialised
+  rebuilt: list[str] = dataclasses.field(default_factory=list)  # fixed tables made for the model's size
 
   def summary(self) -> str:
+    rebuilt = (f'; rebuilt {", ".join(self.rebuilt)} for the config\'s image size'
+               if self.rebuilt else '')
     return (f'loaded {len(self.loaded)} tensors; kept initialisation for {len(self.missing)} missing '
-            f'and {len(self.mismatched)} mis-shaped; ignored {len(self.unexpected)} unexpected')
+            f'and {len(self.mismatched)} mis-shaped; ignored {len(self.unexpected)} unexpected'
+            + rebuilt)
 
 
 def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
@@ -123,6 +130,7 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
   current = flat.flat_weights(model)
   for key, (ours, rule) in layout.items():
     expected[key] = rule.to_official(current[ours]).shape
+  state_dict, rebuilt = _with_table_at_model_size(model, state_dict, expected)
   given = {k: tuple(np.shape(v)) for k, v in state_dict.items()}
   missing = [k for k in expected if k not in given]
   unexpected = [k for k in given if k not in expected]
@@ -133,14 +141,62 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
   fits = [k for k in expected if k in given and given[k] == expected[k]]
   flat.assign_flat_weights(
       model, {layout[k][0]: layout[k][1].from_official(np.asarray(state_dict[k])) for k in fits})
-  return LoadReport(fits, missing, unexpected, mismatched)
+  return LoadReport([k for k in fits if k not in rebuilt], missing, unexpected, mismatched,
+                    rebuilt)
+
+
+def sine_table_grid(table: np.ndarray) -> tuple[int, int] | None:
+  """(h, w) of the grid whose official sine table `table` ([L, d]) is, or None.
+
+  A checkpoint only says L; the grid is found by trying every h * w = L, so a
+  learned table stored under the same key is never taken for a fixed one.
+  Tolerance: the official float32 table and ours differ by float32 rounding
+  of sin/cos (measured: at most 6e-8 on the fixtures' 32x24 and 64x48
+  tables); 2e-6 is far below anything a trained table could match by chance.
+  """
+  length, d_model = table.shape
+  if d_model % 4:
+    return None
+  for h in range(1, length + 1):
+    if length % h == 0 and np.allclose(
+        table, transformer.sine_position_embedding(h, length // h, d_model), rtol=0, atol=2e-6):
+      return h, length // h
+  return None
+
+
+def _with_table_at_model_size(model: nnx.Module, state_dict: Mapping[str, np.ndarray],
+                              expected: Mapping[str, tuple]
+                              ) -> tuple[Mapping[str, np.ndarray], list[str]]:
+  """(`state_dict`, names replaced): a fixed sine `pos_embedding` of another
+  input size replaced by the model's own (built for config.model.image_size).
+
+  The official code computes that table from the image size in the
+  constructor and never trains it, so a checkpoint trained at 256x192 is the
+  same network at 384x288 with the table rebuilt (what the official code
+  does when its config says 384x288). A learned table, or a stored table
+  that is not the sine one, cannot be resized: it stays a shape mismatch.
+  """
+  key = 'pos_embedding'
+  table = getattr(model, key, None)
+  if (key not in state_dict or key not in expected or not isinstance(table, transformer.PositionTable)
+      or tuple(np.shape(state_dict[key])) == tuple(expected[key])):
+    return state_dict, []
+  given = np.asarray(state_dict[key])
+  if given.ndim != 3 or given.shape[1] != 1 or given.shape[2] != expected[key][2]:
+    return state_dict, []
+  if sine_table_grid(given[:, 0, :]) is None:
+    return state_dict, []
+  own = _LEAVES[TransPose][key].to_official(np.asarray(table.get_value()))
+  return {**state_dict, key: own}, [key]
 
 
 def _size_hint(given, expected) -> str:
   key = 'pos_embedding'
   if key in given and key in expected and given[key] != expected[key]:
     return (f'hint: the checkpoint\'s pos_embedding has {given[key][0]} tokens, the model '
-            f'{expected[key][0]}: set config.model.image_size to the size it was trained at.')
+            f'{expected[key][0]}. A fixed sine table is rebuilt for the config\'s size, but '
+            'this one is learned (or not the official sine table), so it only fits the size it '
+            'was trained at: set config.model.image_size to that size.')
   return ('hint: is this checkpoint of another variant? Without --config the converter '
           'recognises the variant from the keys and shapes.')
 
@@ -198,15 +254,22 @@ def variant_config(name: str):
 
 
 def _signature_of_state_dict(shapes: Mapping[str, tuple]) -> tuple:
-  """Cheap fingerprint (head, d_model, layers, HRNet width) to shortlist variants."""
+  """Cheap fingerprint (head, d_model, layers, HRNet width, tokens) to shortlist variants."""
   layers = {k.split('.')[2] for k in shapes if k.startswith('global_encoder.layers.')}
   return ('deconv_layers.0.weight' in shapes, shapes.get('reduce.weight', (None,))[0],
-          len(layers), shapes.get('transition1.0.0.weight', (None,))[0])
+          len(layers), shapes.get('transition1.0.0.weight', (None,))[0],
+          shapes.get('pos_embedding', (None,))[0])
 
 
 def _signature_of_config(model_config) -> tuple:
-  width = model_config.hrnet.stage2.num_channels[0] if model_config.name == 'transpose_h' else None
-  return (model_config.head == 'deconv', model_config.d_model, model_config.encoder_layers, width)
+  m = model_config
+  width = m.hrnet.stage2.num_channels[0] if m.name == 'transpose_h' else None
+  # Token count: ResNet-S features are at 1/8, HRNet-S's at 1/4 (a wrong
+  # guess only widens the search to every variant).
+  stride = 8 if m.name == 'transpose_r' else 4
+  tokens = (None if m.pos_embedding == 'none'
+            else (m.image_size[0] // stride) * (m.image_size[1] // stride))
+  return (m.head == 'deconv', m.d_model, m.encoder_layers, width, tokens)
 
 
 def _official_shapes(model_config) -> dict[str, tuple]:

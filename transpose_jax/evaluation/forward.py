@@ -44,8 +44,9 @@ def eval_forward(graphdef, state, images, *, flip_pairs, flip_test: bool,
                  shift_heatmap: bool, attention: str | None, platform: str):
   """(heatmaps [N, h, w, K], attention maps or None) of uint8 crops [N, H, W, 3].
 
-  `attention`: None, 'mean' ([layers, N, L, L]) or 'heads' ([layers, N,
-  heads, L, L]); `platform` ('cpu', 'gpu', 'tpu') picks the kernels of
+  `attention`: None, 'mean' ([layers, N, L, L]), 'heads' ([layers, N,
+  heads, L, L]) or 'qk' ({'q', 'k'}: [layers, N, L, heads, c] each, no
+  [L, L] array; `inference.attention_maps`); `platform` ('cpu', 'gpu', 'tpu') picks the kernels of
   `config.model.kernels='auto'` and keys the compiled program. Products run
   at the evaluation precision of `config.model.precision` ('highest' for
   'auto'), so an accelerator computes the float32 evaluation.
@@ -79,7 +80,7 @@ class Predictor:
     flip_test: average with the prediction on the mirrored crop.
     shift_heatmap: HRNet's one-pixel shift of the flipped heatmaps.
     mesh: device mesh with axis 'data' (default: every device).
-    attention: also return attention maps (None, 'mean' or 'heads').
+    attention: also return attention maps (None, 'qk', 'mean' or 'heads').
   """
 
   def __init__(self, model: nnx.Module, flip_pairs: Sequence[Sequence[int]], *,
@@ -150,7 +151,7 @@ def predict_heatmaps(model: nnx.Module, images_uint8: np.ndarray, *, flip_test: 
     flip_pairs: joint pairs for the flip test; None uses the COCO / MPII
       ones for 17 / 16 joints.
     batch_size: crops per call.
-    attention: None, 'mean' or 'heads'.
+    attention: None, 'qk', 'mean' or 'heads' (arrays with the batch on axis 1).
   """
   images_uint8 = np.asarray(images_uint8)
   if images_uint8.ndim != 4 or images_uint8.shape[-1] != 3:
@@ -170,9 +171,9 @@ def predict_heatmaps(model: nnx.Module, images_uint8: np.ndarray, *, flip_test: 
     out = predictor(padded)
     if attention is not None:
       out, attention_maps = out
-      maps.append(np.asarray(attention_maps)[:, :len(chunk)])
+      maps.append(jax.tree.map(lambda a, n=len(chunk): np.asarray(a)[:, :n], attention_maps))
     heatmaps.append(np.asarray(out)[:len(chunk)])
   heatmaps = np.concatenate(heatmaps) if heatmaps else np.zeros((0,))
   if attention is None:
     return heatmaps
-  return heatmaps, np.concatenate(maps, axis=1)
+  return heatmaps, jax.tree.map(lambda *parts: np.concatenate(parts, axis=1), *maps)

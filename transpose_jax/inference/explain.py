@@ -25,7 +25,10 @@ The query token of a keypoint is the feature cell holding the integer argmax
 of its heatmap (heatmap pixel (x, y) -> cell (x * w_feat // w_heat,
 y * h_feat // h_heat)). Keypoints and attention come from one pass of the
 evaluation forward (`forward.eval_forward`, no flip test) over the crop, so
-the explanation is of exactly that computation.
+the explanation is of exactly that computation. That pass returns each
+layer's q and k (blockwise attention, no [L, L] array); only the rows or
+columns shown are recomputed from them (`inference.attention_maps`), so a
+384x288 TransPose-H (L = 6912) explains without any full attention map.
 
 `save_explanation` draws a picture like the paper's figures; the CLI is
 `python -m transpose_jax.explain`.
@@ -42,6 +45,7 @@ import numpy as np
 
 from transpose_jax.evaluation import decode
 from transpose_jax.evaluation import forward
+from transpose_jax.inference import attention_maps
 from transpose_jax.inference import predict
 from transpose_jax.inference import visualize
 from transpose_jax.input_pipeline import transforms
@@ -113,15 +117,14 @@ def explain_crop(model, crop: np.ndarray, *, mode: str = 'dependency',
     raise ValueError(f'crop must be RGB uint8 [{size[0]}, {size[1]}, 3] (the '
                      f'model input size), got {crop.dtype} {crop.shape}: crop '
                      'the person with predict.crop_person')
-  per_head = heads or head is not None
-  heatmaps, attention = forward.predict_heatmaps(
-      model, crop[None], flip_test=False, batch_size=1,
-      attention='heads' if per_head else 'mean')
+  # The forward returns each layer's q and k, not its [L, L] maps: only the
+  # K rows or columns shown are computed (`attention_maps`), so a 384x288
+  # TransPose-H (L = 6912) explains in a fraction of the full maps' memory.
+  heatmaps, qk = forward.predict_heatmaps(model, crop[None], flip_test=False, batch_size=1,
+                                          attention='qk')
   heatmaps = np.asarray(heatmaps[0], np.float32)
-  attention = np.asarray(attention, np.float32)[:, 0]
-  if not per_head:
-    attention = attention[:, None]           # [layers, 1, L, L]
-  num_layers, num_heads = attention.shape[:2]
+  q, k = qk['q'][:, 0], qk['k'][:, 0]                            # [layers, L, heads, c]
+  num_layers, num_heads = q.shape[0], q.shape[2]
   layers = (list(range(num_layers)) if all_layers
             else [_select(num_layers, layer, 'encoder layer')])
   head_ids = None
@@ -129,15 +132,15 @@ def explain_crop(model, crop: np.ndarray, *, mode: str = 'dependency',
     head_ids = list(range(num_heads))
   elif head is not None:
     head_ids = [_select(num_heads, head, 'attention head')]
-  chosen = attention[layers][:, head_ids if head_ids is not None else [0]]
 
   fh, fw = model.feature_hw
   tokens = query_tokens(heatmaps, (fh, fw))
   flat = tokens[:, 1] * fw + tokens[:, 0]
-  if mode == 'dependency':
-    picked = chosen[:, :, flat, :]                               # [l, h, K, L]
-  else:
-    picked = np.moveaxis(chosen[:, :, :, flat], -1, 2)           # [l, h, K, L]
+  picked = np.asarray(attention_maps.areas(q[layers], k[layers], flat, mode=mode,
+                                           precision=model.precision))  # [l, heads, K, L]
+  # The head average of the maps, as the model's attention='mean' (float32).
+  picked = (picked[:, head_ids] if head_ids is not None
+            else picked.mean(axis=1, keepdims=True, dtype=np.float32))
   raw = picked.reshape(*picked.shape[:3], fh, fw)
   if not heads:
     raw = raw[:, 0]

@@ -79,8 +79,15 @@ class MultiheadAttention(nnx.Module):
     self.kernels = kernels
     self.attention = attention
 
-  def __call__(self, qk_input: jax.Array, v_input: jax.Array, *, need_weights: bool = True):
+  def __call__(self, qk_input: jax.Array, v_input: jax.Array, *, need_weights: bool = True,
+               need_qk: bool = False):
     """(output [N, L, d], weights [N, heads, L, L] after dropout, or None).
+
+    With `need_qk` the second output is instead (q, k) [N, L, heads, c] (q
+    scaled), from which any attention row or column can be recomputed
+    (`inference.attention_maps`), and the product is the blockwise kernel
+    whatever `attention` says: explanations at 384x288 (L = 6912) must not
+    hold an [L, L] array anywhere.
 
     Without `need_weights` the product is the kernel set's `attention` (the
     training path), or its `blockwise_attention` with `attention='blockwise'`
@@ -99,6 +106,10 @@ class MultiheadAttention(nnx.Module):
     split = lambda t: t.reshape(n, length, self.n_head, head_dim)
     qkv = split(q), split(k), split(v)
     keep_prob = 1.0 - self.dropout.rate
+    if need_qk:
+      out = kernels_lib.select(self.kernels).blockwise_attention(
+          *qkv, self.dropout.draw_key(), self.dropout.rate)
+      return self.out_proj(out.reshape(n, length, d)), qkv[:2]
     if self.attention == 'blockwise' and not need_weights and keep_prob > 0.0:
       out = kernels_lib.select(self.kernels).blockwise_attention(
           *qkv, self.dropout.draw_key(), self.dropout.rate)
@@ -130,9 +141,10 @@ class EncoderLayer(nnx.Module):
     self.dropout1 = Dropout(dropout, rngs=rngs)
     self.dropout2 = Dropout(dropout, rngs=rngs)
 
-  def __call__(self, x: jax.Array, pos: jax.Array | None, *, need_weights: bool = True):
+  def __call__(self, x: jax.Array, pos: jax.Array | None, *, need_weights: bool = True,
+               need_qk: bool = False):
     qk = x if pos is None else x + pos.astype(x.dtype)
-    attended, weights = self.self_attn(qk, x, need_weights=need_weights)
+    attended, weights = self.self_attn(qk, x, need_weights=need_weights, need_qk=need_qk)
     x = self.norm1(x + self.dropout1(attended))
     hidden = self.dropout(jax.nn.relu(self.linear1(x)))
     x = self.norm2(x + self.dropout2(self.linear2(hidden)))
@@ -151,7 +163,17 @@ class TransformerEncoder(nnx.Module):
         for _ in range(num_layers)])
 
   def __call__(self, x: jax.Array, pos: jax.Array | None, *, attention: str | None = None):
-    """`attention`: None, 'mean' ([layers,N,L,L], averaged over heads) or 'heads'."""
+    """`attention`: None, 'mean' ([layers,N,L,L], averaged over heads), 'heads'
+    ([layers,N,heads,L,L]) or 'qk' ({'q', 'k'}: [layers,N,L,heads,c] each, no
+    [L, L] array anywhere; `inference.attention_maps` turns them into rows
+    and columns)."""
+    if attention == 'qk':
+      qs, ks = [], []
+      for layer in self.layers:
+        x, (q, k) = layer(x, pos, need_weights=False, need_qk=True)
+        qs.append(q)
+        ks.append(k)
+      return x, {'q': jnp.stack(qs), 'k': jnp.stack(ks)}
     maps = []
     for layer in self.layers:
       x, weights = layer(x, pos, need_weights=attention is not None)

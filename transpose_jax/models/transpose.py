@@ -106,7 +106,8 @@ class TransPose(nnx.Module):
 
   def intermediates(self, images: jax.Array, *, attention: str | None = 'mean',
                     features: bool = True) -> dict:
-    """{'heatmaps', 'attention' (None, 'mean' or 'heads'), 'features' (encoder input)}."""
+    """{'heatmaps', 'attention' (None, 'mean', 'heads' or 'qk': see
+    `TransformerEncoder`), 'features' (encoder input)}."""
     if not isinstance(images, jax.core.Tracer):
       return _compiled_forward(self, jnp.asarray(images), attention, features,
                                kernels_lib.current_platform())
