@@ -14,6 +14,7 @@ Unlike the official functions, nothing here modifies its inputs in place.
 """
 
 from collections.abc import Sequence
+import functools
 
 import cv2
 import jax
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transpose_jax import keypoints
+from transpose_jax.evaluation import dark_native
 from transpose_jax.input_pipeline import transforms
 
 # `_tile_blur`: maps per row of the tiled image, maps per cv2 call.
@@ -35,6 +37,9 @@ _REGION = 5
 _CORE = 3
 # Rows per group of the one pass over the data (group maxima).
 _ROW_GROUP = 8
+# Maps `_dark` has blurred whole since the process started (the bounds did
+# not settle them; benchmarks/eval_host.py reports the share).
+maps_blurred_whole = 0
 
 
 def _check_heatmaps(heatmaps: np.ndarray, name: str = 'heatmaps',
@@ -217,6 +222,7 @@ def taylor_refine(log_heatmaps: np.ndarray,
   return out
 
 
+@functools.lru_cache(maxsize=None)
 def _kernel_sums(kernel: int, core: int, region: int) -> tuple[float, float]:
   """(S, W) for the bound of `_dark`: S the sum of the 2-D blur kernel, W the
   largest weight it gives to the (2 core + 1)^2 box around the maximum from a
@@ -233,6 +239,51 @@ def _kernel_sums(kernel: int, core: int, region: int) -> tuple[float, float]:
 
 def _dark(maps: np.ndarray, kernel: int) -> tuple[np.ndarray, np.ndarray]:
   """Argmax + DARK refinement of maps [M, h, w] (float32, C order).
+
+  The blur part in C (`dark_native`, the algorithm of `_dark_python` with
+  OpenCV's blur written out) when its library loads and its blur equals
+  cv2's here; the maps it leaves (maximum <= 0, NaN / inf) and every map
+  without it go through `_dark_python`. The log and the Newton step are
+  numpy's either way.
+
+  Returns:
+    coords [M, 2] float32 (x, y) in heatmap pixels and maxvals [M] float32,
+    bit-identical to get_max_preds + gaussian_blur + log + taylor_refine.
+  """
+  global maps_blurred_whole
+  w = maps.shape[2]
+  native = dark_native.dark_maps(maps, kernel, _REGION, _CORE,
+                                 *_kernel_sums(kernel, _CORE, _REGION))
+  if native is None:
+    return _dark_python(maps, kernel)
+  status, idx, maxvals, blur_max, stencil, whole = native
+  maps_blurred_whole += whole
+  coords = np.stack([idx % w, idx // w], axis=-1).astype(np.float32)
+  rest = np.nonzero(status == dark_native.PYTHON)[0]
+  if rest.size:
+    coords[rest], maxvals[rest] = _dark_python(maps[rest], kernel)
+  sel = np.nonzero((status == dark_native.REFINED)
+                   | (status == dark_native.REFINED_WHOLE))[0]
+  _refine(coords, sel, maxvals[sel], blur_max[sel], stencil[sel])
+  return coords, maxvals
+
+
+def _refine(coords: np.ndarray, sel: np.ndarray, maxvals: np.ndarray,
+            blur_max: np.ndarray, stencil: np.ndarray) -> None:
+  """The rescaling, log and Newton step of DARK for the maps `sel`, from
+  their [s, 5, 5] unscaled blurred values around the maximum (in place)."""
+  with np.errstate(divide='ignore', invalid='ignore'):
+    ratio = maxvals / blur_max
+  stencil = stencil * ratio[:, None, None]
+  log_stencil = np.log(np.maximum(stencil, 1e-10))
+  done, offset = _newton_offsets(
+      lambda dy, dx: log_stencil[:, 2 + dy, 2 + dx])
+  coords[sel[done]] += offset.astype(np.float32)
+
+
+def _dark_python(maps: np.ndarray,
+                 kernel: int) -> tuple[np.ndarray, np.ndarray]:
+  """`_dark` in numpy + cv2 (the reference of the C path).
 
   The official result without blurring every map: the blur enters it only
   through (a) the blurred values at the 13 pixels of the Newton step and
@@ -253,6 +304,7 @@ def _dark(maps: np.ndarray, kernel: int) -> tuple[np.ndarray, np.ndarray]:
     coords [M, 2] float32 (x, y) in heatmap pixels and maxvals [M] float32,
     bit-identical to get_max_preds + gaussian_blur + log + taylor_refine.
   """
+  global maps_blurred_whole
   m, h, w = maps.shape
   border = (kernel - 1) // 2
   flat = maps.reshape(m, h * w)
@@ -337,17 +389,12 @@ def _dark(maps: np.ndarray, kernel: int) -> tuple[np.ndarray, np.ndarray]:
         blur_max[unsettled], peak[unsettled], kernel, total, weight)
     unsettled = unsettled[~settled]
   if unsettled.size:
+    maps_blurred_whole += unsettled.size
     blurred = _tile_blur(maps[sel[unsettled]], kernel, border)
     blur_max[unsettled] = blurred.reshape(len(unsettled), -1).max(axis=1)
 
-  with np.errstate(divide='ignore', invalid='ignore'):
-    ratio = maxvals[sel] / blur_max
-  stencil = region[:, _REGION - 2:_REGION + 3, _REGION - 2:_REGION + 3]
-  stencil = stencil * ratio[:, None, None]
-  log_stencil = np.log(np.maximum(stencil, 1e-10))
-  done, offset = _newton_offsets(
-      lambda dy, dx: log_stencil[:, 2 + dy, 2 + dx])
-  coords[sel[done]] += offset.astype(np.float32)
+  _refine(coords, sel, maxvals[sel], blur_max,
+          region[:, _REGION - 2:_REGION + 3, _REGION - 2:_REGION + 3])
   return coords, maxvals
 
 
