@@ -282,10 +282,12 @@ __attribute__((target("avx2,fma"))) static int scan_rows_avx2(
           _mm256_and_si256(_mm256_castps_si256(v), exponent), exponent));
       best = _mm256_max_ps(v, best);
     }
-    float lanes[8];
-    _mm256_storeu_ps(lanes, best);
-    float m = lanes[0];
-    for (int j = 1; j < 8; j++) m = lanes[j] > m ? lanes[j] : m;
+    /* Horizontal maximum: max of the lanes, by halves. */
+    __m128 half = _mm_max_ps(_mm256_castps256_ps128(best),
+                             _mm256_extractf128_ps(best, 1));
+    half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+    half = _mm_max_ss(half, _mm_shuffle_ps(half, half, 1));
+    float m = _mm_cvtss_f32(half);
     for (; x < w; x++) {
       float v = row[x];
       uint32_t bits;
@@ -384,6 +386,56 @@ __attribute__((target("avx2,fma"))) static float core_rows_rest(
   for (int j = 1; j < 8; j++) m = lanes[j] > m ? lanes[j] : m;
   return m;
 }
+
+/* whole_blur for kernel 11 and w a multiple of 4, in AVX2 (the same
+ * operations per pixel as blur_rect; rows of the padding blur to +0.0 as
+ * OpenCV's do). */
+__attribute__((target("avx2,fma"))) static float whole_blur_11(
+    const float *map, int h, int w, const double *k, int variant,
+    double *work) {
+  __m256d kv[11];
+  for (int j = 0; j < 11; j++) kv[j] = _mm256_set1_pd(k[j]);
+  double *buf = work, *tmp = work + w + 16;
+  for (int j = 0; j < 5; j++) buf[j] = buf[w + 5 + j] = 0.0;
+  memset(tmp, 0, sizeof(double) * 5 * w);
+  memset(tmp + (long)(h + 5) * w, 0, sizeof(double) * 5 * w);
+  for (int y = 0; y < h; y++) {
+    const float *src = map + (long)y * w;
+    for (int x = 0; x < w; x += 4)
+      _mm256_storeu_pd(buf + 5 + x, _mm256_cvtps_pd(_mm_loadu_ps(src + x)));
+    double *dst = tmp + (long)(y + 5) * w;
+    for (int x = 0; x < w; x += 4) {
+      __m256d acc = _mm256_mul_pd(kv[0], _mm256_loadu_pd(buf + x));
+      if (variant & 1)
+        for (int j = 1; j < 11; j++)
+          acc = _mm256_fmadd_pd(kv[j], _mm256_loadu_pd(buf + x + j), acc);
+      else
+        for (int j = 1; j < 11; j++)
+          acc = _mm256_add_pd(acc, _mm256_mul_pd(kv[j],
+                                                 _mm256_loadu_pd(buf + x + j)));
+      _mm256_storeu_pd(dst + x, acc);
+    }
+  }
+  const __m256d zero = _mm256_setzero_pd();
+  __m128 best = _mm_set1_ps(-INFINITY);
+  for (int y = 0; y < h; y++) {
+    const double *mid = tmp + (long)(y + 5) * w;
+    for (int x = 0; x < w; x += 4) {
+      __m256d acc = _mm256_add_pd(_mm256_mul_pd(kv[5], _mm256_loadu_pd(mid + x)),
+                                  zero);
+      for (int j = 1; j <= 5; j++) {
+        __m256d pair = _mm256_add_pd(_mm256_loadu_pd(mid + (long)j * w + x),
+                                     _mm256_loadu_pd(mid - (long)j * w + x));
+        acc = (variant & 2) ? _mm256_fmadd_pd(kv[5 + j], pair, acc)
+                            : _mm256_add_pd(acc, _mm256_mul_pd(kv[5 + j], pair));
+      }
+      best = _mm_max_ps(_mm256_cvtpd_ps(acc), best);
+    }
+  }
+  best = _mm_max_ps(best, _mm_movehl_ps(best, best));
+  best = _mm_max_ss(best, _mm_shuffle_ps(best, best, 1));
+  return _mm_cvtss_f32(best);
+}
 #endif
 
 static inline double beyond_bound(double rest, const double *peaks, int n,
@@ -416,9 +468,6 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
     const float *map = maps + i * (long)h * w;
     status[i] = PYTHON;
     if (!usable) continue;
-    if (i + 1 < m)  /* the next map, while this one is blurred */
-      for (long b = 0; b < (long)h * w * 4; b += 64)
-        __builtin_prefetch((const char *)(map + (long)h * w) + b);
     if ((vector ? scan_rows_avx2 : scan_rows)(map, h, w, rowmax))
       continue;  /* NaN / inf */
     float peak = rowmax[0];
@@ -478,7 +527,12 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
         continue;
       }
     }
-    blur_max[i] = whole_blur(map, h, w, k, ksize, variant, work);
+#if defined(__x86_64__) || defined(__i386__)
+    if (vector && ksize == 11 && w % 4 == 0)
+      blur_max[i] = whole_blur_11(map, h, w, k, variant, work);
+    else
+#endif
+      blur_max[i] = whole_blur(map, h, w, k, ksize, variant, work);
     status[i] = REFINED_WHOLE;
     whole++;
   }
