@@ -232,7 +232,9 @@ static float outside_max(const float *map, int h, int w, const float *rowmax,
  * infinity (then the maxima are meaningless). Eight lanes written out so
  * that the compiler vectorizes it (the order of a maximum of finite values
  * does not matter). */
-static int scan_rows(const float *map, int h, int w, float *rowmax) {
+static int scan_rows(const float *map, int h, int w, float *rowmax,
+                     int prefetch) {
+  (void)prefetch;
   uint32_t special[8] = {0};
   for (int y = 0; y < h; y++) {
     const float *row = map + (long)y * w;
@@ -268,7 +270,8 @@ static int scan_rows(const float *map, int h, int w, float *rowmax) {
 /* scan_rows with AVX2 (GCC does not vectorize the float maximum itself);
  * _mm256_max_ps is the maximum for values that are not NaN. */
 __attribute__((target("avx2,fma"))) static int scan_rows_avx2(
-    const float *map, int h, int w, float *rowmax) {
+    const float *map, int h, int w, float *rowmax, int prefetch) {
+  const long ahead = (long)h * w;
   const __m256i exponent = _mm256_set1_epi32(0x7f800000);
   __m256i special = _mm256_setzero_si256();
   uint32_t tail_special = 0;
@@ -277,6 +280,8 @@ __attribute__((target("avx2,fma"))) static int scan_rows_avx2(
     __m256 best = _mm256_set1_ps(row[0]);
     int x = 0;
     for (; x + 8 <= w; x += 8) {
+      if (prefetch && (x & 15) == 0)  /* the next map, a line at a time */
+        _mm_prefetch((const char *)(row + x + ahead), _MM_HINT_T0);
       __m256 v = _mm256_loadu_ps(row + x);
       special = _mm256_or_si256(special, _mm256_cmpeq_epi32(
           _mm256_and_si256(_mm256_castps_si256(v), exponent), exponent));
@@ -468,7 +473,7 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
     const float *map = maps + i * (long)h * w;
     status[i] = PYTHON;
     if (!usable) continue;
-    if ((vector ? scan_rows_avx2 : scan_rows)(map, h, w, rowmax))
+    if ((vector ? scan_rows_avx2 : scan_rows)(map, h, w, rowmax, i + 1 < m))
       continue;  /* NaN / inf */
     float peak = rowmax[0];
     int cy = 0;
