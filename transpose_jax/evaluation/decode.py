@@ -172,6 +172,9 @@ def _newton_offsets(at) -> tuple[np.ndarray, np.ndarray]:
   hessian = np.stack([np.stack([dxx, dxy], -1), np.stack([dxy, dyy], -1)], -2)
   gradient = np.stack([dx, dy], -1)[..., None]
   idx = np.nonzero(ok)[0]
+  inverse, invertible = _inverse_2x2(hessian[idx])
+  if inverse is not None:
+    return idx[invertible], -(inverse[invertible] @ gradient[idx[invertible]])[..., 0]
   try:
     inverse = np.linalg.inv(hessian[idx])
   except np.linalg.LinAlgError:
@@ -188,6 +191,55 @@ def _newton_offsets(at) -> tuple[np.ndarray, np.ndarray]:
     inverse = (np.stack(inverses) if inverses
                else np.zeros((0, 2, 2), hessian.dtype))
   return idx, -(inverse @ gradient[idx])[..., 0]
+
+
+def _lu_inverse_2x2(matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Inverses of [n, 2, 2] float64 matrices as LAPACK's gesv (getrf + getrs
+  with B = I) computes them in the OpenBLAS that numpy ships: partial
+  pivoting (the first largest |pivot|), the multiplier and both back
+  substitutions by the reciprocal of the pivot; and which are invertible (no
+  zero pivot: where gesv reports a singular matrix)."""
+  a, b = matrices[:, 0, 0], matrices[:, 0, 1]
+  c, d = matrices[:, 1, 0], matrices[:, 1, 1]
+  swap = np.abs(c) > np.abs(a)
+  u00, other = np.where(swap, c, a), np.where(swap, a, c)
+  u01, other1 = np.where(swap, d, b), np.where(swap, b, d)
+  with np.errstate(divide='ignore', invalid='ignore'):
+    low = other * (1 / u00)
+    u11 = other1 - low * u01
+    columns = []
+    for col in (0, 1):
+      b0 = np.where(swap, float(col == 1), float(col == 0))
+      b1 = np.where(swap, float(col == 0), float(col == 1)) - low * b0
+      x1 = b1 * (1 / u11)
+      columns.append(np.stack([(b0 - u01 * x1) * (1 / u00), x1], -1))
+  return np.stack(columns, -1), (u00 != 0) & (u11 != 0)
+
+
+@functools.cache
+def _lu_inverse_is_numpys() -> bool:
+  """Whether `_lu_inverse_2x2` equals np.linalg.inv here, bit for bit (on
+  random matrices with float32 entries and symmetric ones, as the Hessians)."""
+  rng = np.random.default_rng(20260702)
+  m = rng.normal(size=(4096, 2, 2)) * rng.choice([1e-3, 1.0, 1e3],
+                                                size=(4096, 1, 1))
+  m[:2048, 1, 0] = m[:2048, 0, 1]
+  m[:1024] = -np.abs(m[:1024])
+  m = m.astype(np.float32).astype(np.float64)
+  got, invertible = _lu_inverse_2x2(m)
+  return bool(invertible.all()) and np.array_equal(
+      got.view(np.int64), np.linalg.inv(m).view(np.int64))
+
+
+def _inverse_2x2(hessian: np.ndarray):
+  """np.linalg.inv of the [n, 2, 2] Hessians without a LAPACK call per
+  matrix (1 us each): `_lu_inverse_2x2` in float64, cast to the input dtype
+  as np.linalg.inv casts it; (None, None) where that could differ
+  (non-finite entries, or a numpy whose LAPACK computes otherwise)."""
+  if not _lu_inverse_is_numpys() or not np.isfinite(hessian).all():
+    return None, None
+  inverse, invertible = _lu_inverse_2x2(hessian.astype(np.float64))
+  return inverse.astype(hessian.dtype), invertible
 
 
 def taylor_refine(log_heatmaps: np.ndarray,
