@@ -309,23 +309,35 @@ __attribute__((target("avx2,fma"))) static int scan_rows_avx2(
 #endif
 
 #if defined(__x86_64__) || defined(__i386__)
-/* region_blur for kernel 11 and region 5 around a maximum at least 10 px
- * from the top, bottom and left border and 12 from the right one (no
- * padding), in AVX2: the same operations per pixel (fma: _mm256_fmadd_pd,
- * one rounding as fma()). */
+/* region_blur for kernel 11 and region 5, in AVX2: the same operations per
+ * pixel (fma: _mm256_fmadd_pd, one rounding as fma()); stencil may be NULL. */
 __attribute__((target("avx2,fma"))) static float region_blur_11_5(
-    const float *map, int w, int cy, int cx, const double *k, int variant,
-    float *stencil) {
+    const float *map, int h, int w, int cy, int cx, const double *k,
+    int variant, float *stencil) {
   __m256d t[21][3];
   __m256d kv[11];
   for (int j = 0; j < 11; j++) kv[j] = _mm256_set1_pd(k[j]);
+  int x0 = cx - 10;
+  int inside_x = x0 >= 0 && x0 + 22 <= w;
   for (int i = 0; i < 21; i++) {
-    const float *src = map + (long)(cy - 10 + i) * w + cx - 10;
+    int y = cy - 10 + i;
     double row[24];
-    for (int j = 0; j < 20; j += 4)
-      _mm256_storeu_pd(row + j, _mm256_cvtps_pd(_mm_loadu_ps(src + j)));
-    row[20] = src[20];
-    row[21] = src[21];
+    if (y < 0 || y >= h) {
+      for (int v = 0; v < 3; v++) t[i][v] = _mm256_setzero_pd();
+      continue;
+    }
+    const float *src = map + (long)y * w;
+    if (inside_x) {
+      for (int j = 0; j < 20; j += 4)
+        _mm256_storeu_pd(row + j, _mm256_cvtps_pd(_mm_loadu_ps(src + x0 + j)));
+      row[20] = src[x0 + 20];
+      row[21] = src[x0 + 21];
+    } else {
+      for (int j = 0; j < 22; j++) {
+        int x = x0 + j;
+        row[j] = (x >= 0 && x < w) ? (double)src[x] : 0.0;
+      }
+    }
     for (int v = 0; v < 3; v++) {
       __m256d acc = _mm256_mul_pd(kv[0], _mm256_loadu_pd(row + 4 * v));
       if (variant & 1)
@@ -355,23 +367,39 @@ __attribute__((target("avx2,fma"))) static float region_blur_11_5(
         f = _mm_blend_ps(f, _mm_set1_ps(-INFINITY), 8);
       best = _mm_max_ps(f, best);
     }
-  float lanes[4];
-  _mm_storeu_ps(lanes, best);
-  float m = lanes[0];
-  for (int j = 1; j < 4; j++) m = lanes[j] > m ? lanes[j] : m;
-  for (int i = 0; i < 5; i++)
-    for (int j = 0; j < 5; j++) stencil[i * 5 + j] = (float)out[3 + i][3 + j];
+  float m;
+  if (cy >= 5 && cy + 5 < h && cx >= 5 && cx + 5 < w) {
+    best = _mm_max_ps(best, _mm_movehl_ps(best, best));
+    best = _mm_max_ss(best, _mm_shuffle_ps(best, best, 1));
+    m = _mm_cvtss_f32(best);
+  } else {  /* only the pixels in the map */
+    m = -INFINITY;
+    for (int i = 0; i < 11; i++) {
+      int y = cy - 5 + i;
+      if (y < 0 || y >= h) continue;
+      for (int j = 0; j < 11; j++) {
+        int x = cx - 5 + j;
+        if (x < 0 || x >= w) continue;
+        float v = (float)out[i][j];
+        if (v > m) m = v;
+      }
+    }
+  }
+  if (stencil)
+    for (int i = 0; i < 5; i++)
+      for (int j = 0; j < 5; j++) stencil[i * 5 + j] = (float)out[3 + i][3 + j];
   return m;
 }
 
 /* The largest value of the rows cy - core .. cy + core outside the columns
- * cx - core .. cx + core (w a multiple of 8, at least one column left). */
+ * cx - core .. cx + core, those in the map (w a multiple of 8). */
 __attribute__((target("avx2,fma"))) static float core_rows_rest(
-    const float *map, int w, int cy, int cx, int core) {
+    const float *map, int h, int w, int cy, int cx, int core) {
   __m256 best = _mm256_set1_ps(-INFINITY);
   const __m256 minus = _mm256_set1_ps(-INFINITY);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int y = cy - core; y <= cy + core; y++) {
+    if (y < 0 || y >= h) continue;  /* padding: 0, and rest >= 0 anyway */
     const float *row = map + (long)y * w;
     for (int x = 0; x < w; x += 8) {
       __m256 v = _mm256_loadu_ps(row + x);
@@ -494,10 +522,9 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
     int ys[2] = {cy, 0}, xs[2] = {cx, 0};
     float best, raw;
 #if defined(__x86_64__) || defined(__i386__)
-    if (vector && ksize == 11 && region == 5 && cy >= 10 && cy + 10 < h &&
-        cx >= 10 && cx + 12 <= w && w % 8 == 0) {
-      best = region_blur_11_5(map, w, cy, cx, k, variant, stencil + 25 * i);
-      raw = core_rows_rest(map, w, cy, cx, core);
+    if (vector && ksize == 11 && region == 5 && w % 8 == 0) {
+      best = region_blur_11_5(map, h, w, cy, cx, k, variant, stencil + 25 * i);
+      raw = core_rows_rest(map, h, w, cy, cx, core);
       for (int y = 0; y < h; y++)
         if (abs(y - cy) > core && rowmax[y] > raw) raw = rowmax[y];
     } else
@@ -520,8 +547,14 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
     if (second >= 0) {
       ys[1] = (int)(second / w);
       xs[1] = (int)(second % w);
-      float best2 = region_blur(map, h, w, ys[1], xs[1], region, k, ksize,
-                                variant, NULL);
+      float best2;
+#if defined(__x86_64__) || defined(__i386__)
+      if (vector && ksize == 11 && region == 5)
+        best2 = region_blur_11_5(map, h, w, ys[1], xs[1], k, variant, NULL);
+      else
+#endif
+        best2 = region_blur(map, h, w, ys[1], xs[1], region, k, ksize,
+                            variant, NULL);
       if (best2 > best) best = best2;
       float raw2 = outside_max(map, h, w, rowmax, ys, xs, 2, core, NULL);
       rest = raw2 > 0 ? (double)raw2 : 0.0;
