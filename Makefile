@@ -61,7 +61,7 @@ $(JPEG_ROI): input_pipeline/_jpeg_roi.c
 # flags keep every rounding as written); without gcc evaluation decodes with
 # numpy + cv2 (same results, slower).
 $(DARK_LIB): transpose_jax/evaluation/_dark.c
-	@$${CC:-gcc} -O3 -fno-fast-math -ffp-contract=off -fno-math-errno -shared -fPIC $< -o $@ -lm 2>/dev/null || \
+	@($${CC:-gcc} -O3 -fno-fast-math -ffp-contract=off -fno-math-errno -shared -fPIC $< -o $@.tmp -lm 2>/dev/null && mv $@.tmp $@) || \
 	  echo "note: $@ not built (needs gcc); evaluation decodes heatmaps with numpy + cv2 (same results, slower)"
 
 # The default suite (< 20 minutes on 2 cores: tests/unit, tests/parity,
