@@ -121,3 +121,21 @@ def test_off_switch(monkeypatch, variant):
   got = decode._dark(heatmaps, 11)  # pylint: disable=protected-access
   for g, w in zip(got, want):
     np.testing.assert_array_equal(g, w)
+
+
+def test_end_to_end_check_catches_a_wrong_blur(monkeypatch, variant):
+  """The first-use check of decode (C path == numpy path on test maps) turns
+  the C path off when it computes something else (here: another kernel).
+  The last bit of the float64 blur seldom reaches the float32 results, so
+  the variant is checked on the blur itself (test_blur_is_cv2_gaussian_blur)."""
+  del variant
+  decode._native_agrees.cache_clear()  # pylint: disable=protected-access
+  other = np.ascontiguousarray(cv2.getGaussianKernel(11, 2.5, cv2.CV_64F).ravel())
+  monkeypatch.setattr(dark_native, '_kernel', lambda size: other)
+  try:
+    assert not decode._native_agrees(11)  # pylint: disable=protected-access
+    monkeypatch.undo()
+    decode._native_agrees.cache_clear()  # pylint: disable=protected-access
+    assert decode._native_agrees(11)  # pylint: disable=protected-access
+  finally:
+    decode._native_agrees.cache_clear()  # pylint: disable=protected-access

@@ -304,8 +304,9 @@ def _dark(maps: np.ndarray, kernel: int) -> tuple[np.ndarray, np.ndarray]:
   """
   global maps_blurred_whole
   w = maps.shape[2]
-  native = dark_native.dark_maps(maps, kernel, _REGION, _CORE,
-                                 *_kernel_sums(kernel, _CORE, _REGION))
+  native = (_native_dark(maps, kernel)
+            if dark_native.variant(kernel) is not None
+            and _native_agrees(kernel) else None)
   if native is None:
     return _dark_python(maps, kernel)
   status, idx, maxvals, blur_max, stencil, whole = native
@@ -318,6 +319,51 @@ def _dark(maps: np.ndarray, kernel: int) -> tuple[np.ndarray, np.ndarray]:
                    | (status == dark_native.REFINED_WHOLE))[0]
   _refine(coords, sel, maxvals[sel], blur_max[sel], stencil[sel])
   return coords, maxvals
+
+
+def _native_dark(maps: np.ndarray, kernel: int):
+  return dark_native.dark_maps(maps, kernel, _REGION, _CORE,
+                               *_kernel_sums(kernel, _CORE, _REGION))
+
+
+@functools.cache
+def _native_agrees(kernel: int) -> bool:
+  """Whether the C path gives `_dark_python`'s results on test maps (peaks
+  inside, near the border, two and three peaks, noise): checked once per
+  process and kernel size; False turns the C path off (logged)."""
+  global maps_blurred_whole
+  rng = np.random.default_rng(20260703)
+  maps = []
+  for h, w in ((64, 48), (96, 72), (20, 13)):
+    yy, xx = np.mgrid[:h, :w]
+    for x, y in ([w / 2, h / 2], [3, 4], [w - 2, h - 8], [9.5, 10.3],
+                 [w - 11, h - 11]):
+      peak = np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 8.0)
+      maps.append(peak + rng.normal(0, 0.01, (h, w)))
+      maps.append(peak + 0.9 * np.exp(-((xx - w + x) ** 2 + (yy - h + y) ** 2)
+                                      / 8.0))
+      maps.append(maps[-1] + 0.8 * np.exp(-((xx - w / 3) ** 2
+                                              + (yy - h / 3) ** 2) / 30.0))
+    groups = np.stack(maps[-15:]).astype(np.float32)
+    whole = maps_blurred_whole
+    want = _dark_python(groups, kernel)
+    got = _native_dark(groups, kernel)
+    maps_blurred_whole = whole  # not counted
+    if got is None:
+      return False
+    coords = np.stack([got[1] % w, got[1] // w], axis=-1).astype(np.float32)
+    sel = np.nonzero(got[0] != dark_native.PYTHON)[0]
+    done = np.nonzero((got[0] == dark_native.REFINED)
+                      | (got[0] == dark_native.REFINED_WHOLE))[0]
+    _refine(coords, done, got[2][done], got[3][done], got[4][done])
+    if not (np.array_equal(coords[sel].view(np.int32), want[0][sel].view(np.int32))
+            and np.array_equal(got[2][sel].view(np.int32),
+                               want[1][sel].view(np.int32))):
+      dark_native.logger.warning(
+          'DARK decoding in C differs from numpy + cv2 on test maps (%dx%d); '
+          'numpy + cv2 decoding (same results, slower)', h, w)
+      return False
+  return True
 
 
 def _refine(coords: np.ndarray, sel: np.ndarray, maxvals: np.ndarray,
