@@ -19,9 +19,11 @@
  * Whether each `+=` is one fused multiply-add depends on how OpenCV was
  * compiled for the CPU it runs on (GCC contracts them in its AVX2 build of
  * the row filter); `variant` says which pass fuses (bit 0: rows, bit 1:
- * columns) and decode.py picks it by comparing with cv2 on first use. This
- * file must be compiled without contraction (-ffp-contract=off) and without
- * -ffast-math: every rounding is written out.
+ * columns) and dark_native.py picks it by comparing with cv2 on first use
+ * (decode.py then checks the whole path against its numpy one). This file
+ * must be compiled without contraction (-ffp-contract=off) and without
+ * -ffast-math: every rounding is written out. Where the CPU has AVX2 + FMA
+ * the hot parts run as AVX2 intrinsics, with the same operations per pixel.
  */
 
 #include <math.h>
@@ -44,7 +46,8 @@ enum {
 
 int dark_abi_version(void) { return 1; }
 
-static inline __attribute__((always_inline)) double row_step(double s, double k, double x, int fused) {
+static inline __attribute__((always_inline)) double row_step(
+    double s, double k, double x, int fused) {
   return fused ? fma(k, x, s) : s + k * x;
 }
 
