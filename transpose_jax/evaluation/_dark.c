@@ -322,13 +322,13 @@ __attribute__((target("avx2,fma"))) static float region_blur_11_5(
   for (int j = 0; j < 11; j++) kv[j] = _mm256_set1_pd(k[j]);
   int x0 = cx - 10;
   int inside_x = x0 >= 0 && x0 + 22 <= w;
+  /* All rows converted first, then the row pass: loading a vector that
+   * straddles two stores still in flight stalls (no store forwarding). */
+  double rows[21][24];
   for (int i = 0; i < 21; i++) {
     int y = cy - 10 + i;
-    double row[24];
-    if (y < 0 || y >= h) {
-      for (int v = 0; v < 3; v++) t[i][v] = _mm256_setzero_pd();
-      continue;
-    }
+    double *row = rows[i];
+    if (y < 0 || y >= h) continue;
     const float *src = map + (long)y * w;
     if (inside_x) {
       for (int j = 0; j < 20; j += 4)
@@ -340,6 +340,14 @@ __attribute__((target("avx2,fma"))) static float region_blur_11_5(
         int x = x0 + j;
         row[j] = (x >= 0 && x < w) ? (double)src[x] : 0.0;
       }
+    }
+  }
+  for (int i = 0; i < 21; i++) {
+    int y = cy - 10 + i;
+    const double *row = rows[i];
+    if (y < 0 || y >= h) {
+      for (int v = 0; v < 3; v++) t[i][v] = _mm256_setzero_pd();
+      continue;
     }
     for (int v = 0; v < 3; v++) {
       __m256d acc = _mm256_mul_pd(kv[0], _mm256_loadu_pd(row + 4 * v));
@@ -431,14 +439,21 @@ __attribute__((target("avx2,fma"))) static float whole_blur_11(
     double *work) {
   __m256d kv[11];
   for (int j = 0; j < 11; j++) kv[j] = _mm256_set1_pd(k[j]);
-  double *buf = work, *tmp = work + w + 16;
-  for (int j = 0; j < 5; j++) buf[j] = buf[w + 5 + j] = 0.0;
+  /* The map in float64 rows with 5 zeros each side, all converted before
+   * the row pass (see region_blur_11_5). */
+  long stride = w + 10;
+  double *canvas = work, *tmp = work + (long)h * stride;
+  for (int y = 0; y < h; y++) {
+    double *buf = canvas + (long)y * stride;
+    const float *src = map + (long)y * w;
+    for (int j = 0; j < 5; j++) buf[j] = buf[w + 5 + j] = 0.0;
+    for (int x = 0; x < w; x += 4)
+      _mm256_storeu_pd(buf + 5 + x, _mm256_cvtps_pd(_mm_loadu_ps(src + x)));
+  }
   memset(tmp, 0, sizeof(double) * 5 * w);
   memset(tmp + (long)(h + 5) * w, 0, sizeof(double) * 5 * w);
   for (int y = 0; y < h; y++) {
-    const float *src = map + (long)y * w;
-    for (int x = 0; x < w; x += 4)
-      _mm256_storeu_pd(buf + 5 + x, _mm256_cvtps_pd(_mm_loadu_ps(src + x)));
+    const double *buf = canvas + (long)y * stride;
     double *dst = tmp + (long)(y + 5) * w;
     for (int x = 0; x < w; x += 4) {
       __m256d acc = _mm256_mul_pd(kv[0], _mm256_loadu_pd(buf + x));
