@@ -32,7 +32,7 @@ from transpose_jax import clib
 
 logger = logging.getLogger(__name__)
 
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 _SOURCE = pathlib.Path(__file__).with_name('_dark.c')
 _LIBRARY = pathlib.Path(__file__).with_name('_dark.so')
 _FLAGS = ['-O3', '-fno-fast-math', '-ffp-contract=off', '-fno-math-errno']
@@ -69,6 +69,10 @@ def _open(path: pathlib.Path) -> ctypes.CDLL | None:
       ctypes.c_double, ctypes.c_int, _f64p, pointer(np.int8),
       pointer(np.int64), pointer(np.float32), pointer(np.float32),
       pointer(np.float32)]
+  lib.dark_newton.restype = ctypes.c_int
+  lib.dark_newton.argtypes = [pointer(np.float32), ctypes.c_long,
+                              pointer(np.float32), pointer(np.float32),
+                              pointer(np.int8)]
   return lib
 
 
@@ -186,6 +190,22 @@ def dark_maps(maps: np.ndarray, kernel: int, region: int, core: int,
                          total, weight, chosen, work, status, idx, maxval,
                          blur_max, stencil)
   return status, idx, maxval, blur_max, stencil, whole
+
+
+def newton(log_stencil: np.ndarray):
+  """`_dark.c`'s dark_newton on log-stencils [25, s] float32 (C order): the
+  Newton step's [s, 2, 2] float32 inverses, [s, 2, 1] gradients and which
+  maxima it moves (see decode._newton_offsets); None when a Hessian is not
+  finite or the library is not loaded."""
+  if _lib is None:
+    return None
+  s = log_stencil.shape[1]
+  inverse = np.empty((s, 2, 2), np.float32)
+  gradient = np.empty((s, 2, 1), np.float32)
+  usable = np.empty(s, np.int8)
+  if _lib.dark_newton(log_stencil, s, inverse, gradient, usable):
+    return None
+  return inverse, gradient, usable.view(bool)
 
 
 def _reset_for_tests() -> None:

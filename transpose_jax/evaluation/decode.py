@@ -317,7 +317,7 @@ def _dark(maps: np.ndarray, kernel: int) -> tuple[np.ndarray, np.ndarray]:
     coords[rest], maxvals[rest] = _dark_python(maps[rest], kernel)
   sel = np.nonzero((status == dark_native.REFINED)
                    | (status == dark_native.REFINED_WHOLE))[0]
-  _refine(coords, sel, maxvals[sel], blur_max[sel], stencil[sel])
+  _refine(coords, sel, maxvals[sel], blur_max[sel], stencil[sel], native=True)
   return coords, maxvals
 
 
@@ -355,7 +355,8 @@ def _native_agrees(kernel: int) -> bool:
     sel = np.nonzero(got[0] != dark_native.PYTHON)[0]
     done = np.nonzero((got[0] == dark_native.REFINED)
                       | (got[0] == dark_native.REFINED_WHOLE))[0]
-    _refine(coords, done, got[2][done], got[3][done], got[4][done])
+    _refine(coords, done, got[2][done], got[3][done], got[4][done],
+            native=True)
     if not (np.array_equal(coords[sel].view(np.int32), want[0][sel].view(np.int32))
             and np.array_equal(got[2][sel].view(np.int32),
                                want[1][sel].view(np.int32))):
@@ -367,17 +368,27 @@ def _native_agrees(kernel: int) -> bool:
 
 
 def _refine(coords: np.ndarray, sel: np.ndarray, maxvals: np.ndarray,
-            blur_max: np.ndarray, stencil: np.ndarray) -> None:
+            blur_max: np.ndarray, stencil: np.ndarray,
+            native: bool = False) -> None:
   """The rescaling, log and Newton step of DARK for the maps `sel`, from
-  their [s, 5, 5] unscaled blurred values around the maximum (in place)."""
+  their [s, 5, 5] unscaled blurred values around the maximum (in place);
+  native: the elementwise part of the Newton step in C (`dark_native.newton`,
+  the same float32 / float64 operations as `_newton_offsets`)."""
   with np.errstate(divide='ignore', invalid='ignore'):
     ratio = maxvals / blur_max
   # [25, s]: each pixel of the stencil one contiguous row (elementwise
   # operations, the same values in any layout; faster on contiguous rows).
   stencil = np.ascontiguousarray(stencil.reshape(-1, 25).T) * ratio
   log_stencil = np.log(np.maximum(stencil, 1e-10))
-  done, offset = _newton_offsets(
-      lambda dy, dx: log_stencil[(2 + dy) * 5 + 2 + dx])
+  newton = (dark_native.newton(log_stencil)
+            if native and _lu_inverse_is_numpys() else None)
+  if newton is not None:  # _newton_offsets in C, but the matrix product
+    inverse, gradient, usable = newton
+    done = np.nonzero(usable)[0]
+    offset = -(inverse[done] @ gradient[done])[..., 0]
+  else:
+    done, offset = _newton_offsets(
+        lambda dy, dx: log_stencil[(2 + dy) * 5 + 2 + dx])
   coords[sel[done]] += offset.astype(np.float32)
 
 
