@@ -142,20 +142,20 @@ def test_end_to_end_check_catches_a_wrong_blur(monkeypatch, variant):
 
 
 def test_newton_step_is_numpys(variant):
-  """dark_native.newton + the matrix product == decode._newton_offsets, on
-  random log-stencils with flat, singular and tied cases."""
+  """dark_native.newton == decode._newton_offsets (numpy's matmul
+  included), on random log-stencils with flat, singular and tied cases."""
   del variant
   rng = np.random.default_rng(5)
-  s = 5000
+  s = 200000
   stencil = rng.normal(-2, 1, (25, s)).astype(np.float32)
   stencil[:, :50] = -3.0                        # flat: det 0
   stencil[:, 50:100] = rng.normal(size=(25, 1))  # flat again
   stencil[:, 100:200] = np.round(stencil[:, 100:200])  # small integers: ties
   stencil[:, 200:300] *= 1e-20                  # tiny derivatives
   stencil = np.ascontiguousarray(stencil)
-  inverse, gradient, usable = dark_native.newton(stencil)
+  offset, usable = dark_native.newton(stencil)
   done = np.nonzero(usable)[0]
-  offset = -(inverse[done] @ gradient[done])[..., 0]
+  offset = offset[done]
   want_done, want_offset = decode._newton_offsets(  # pylint: disable=protected-access
       lambda dy, dx: stencil[(2 + dy) * 5 + 2 + dx])
   np.testing.assert_array_equal(done, want_done)

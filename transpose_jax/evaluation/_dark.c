@@ -44,7 +44,7 @@ enum {
   REFINED_WHOLE = 3  /* as REFINED, the map was blurred whole */
 };
 
-int dark_abi_version(void) { return 2; }
+int dark_abi_version(void) { return 3; }
 
 static inline __attribute__((always_inline)) double row_step(
     double s, double k, double x, int fused) {
@@ -651,14 +651,15 @@ long dark_maps(DARK_MAPS_ARGS) {
   return has_fma() ? maps_fma(DARK_MAPS_CALL) : maps_plain(DARK_MAPS_CALL);
 }
 
-/* The elementwise part of the Newton step of decode._newton_offsets, from
- * the log-stencils [25, s] (row (2 + dy) * 5 + 2 + dx: pixel (dy, dx) of
- * every map): the float32 derivatives in numpy's order, the float64 inverse
- * of decode._lu_inverse_2x2 cast to float32, the gradient; usable: det != 0
- * and both pivots non-zero. Returns 0, or 1 when a Hessian is not finite
- * (then decode uses numpy for all). */
-int dark_newton(const float *log_stencil, long s, float *inverse,
-                float *gradient, int8_t *usable) {
+/* The Newton step of decode._newton_offsets from the log-stencils [25, s]
+ * (row (2 + dy) * 5 + 2 + dx: pixel (dy, dx) of every map): the float32
+ * derivatives in numpy's order, the float64 inverse of
+ * decode._lu_inverse_2x2 cast to float32, and the offset -(inverse @
+ * gradient) in float32 as numpy's matmul rounds it (0 + two products);
+ * usable: det != 0 and both pivots non-zero. Returns 0, or 1 when a Hessian
+ * is not finite (then decode uses numpy for all). */
+int dark_newton(const float *log_stencil, long s, float *offset,
+                int8_t *usable) {
   int special = 0;
   for (long i = 0; i < s; i++) {
 #define AT(dy, dx) log_stencil[(long)((2 + (dy)) * 5 + 2 + (dx)) * s + i]
@@ -669,8 +670,6 @@ int dark_newton(const float *log_stencil, long s, float *inverse,
     float dyy = 0.25f * (AT(2, 0) - 2.0f * AT(0, 0) + AT(-2, 0));
 #undef AT
     float det = dxx * dyy - dxy * dxy;
-    gradient[2 * i] = dx;
-    gradient[2 * i + 1] = dy;
     if (!(isfinite(dxx) && isfinite(dxy) && isfinite(dyy))) special = 1;
     double a = dxx, b = dxy, c = dxy, d = dyy;
     int swap = fabs(c) > fabs(a);
@@ -678,13 +677,20 @@ int dark_newton(const float *log_stencil, long s, float *inverse,
     double u01 = swap ? d : b, other1 = swap ? b : d;
     double low = other * (1 / u00);
     double u11 = other1 - low * u01;
+    float inverse[2][2];
     for (int col = 0; col < 2; col++) {
       double b0 = swap ? (double)(col == 1) : (double)(col == 0);
       double b1 = (swap ? (double)(col == 0) : (double)(col == 1)) - low * b0;
       double x1 = b1 * (1 / u11);
       double x0 = (b0 - u01 * x1) * (1 / u00);
-      inverse[4 * i + col] = (float)x0;
-      inverse[4 * i + 2 + col] = (float)x1;
+      inverse[0][col] = (float)x0;
+      inverse[1][col] = (float)x1;
+    }
+    for (int row = 0; row < 2; row++) {  /* numpy's matmul loop: from 0 */
+      float acc = 0.0f;
+      acc += inverse[row][0] * dx;
+      acc += inverse[row][1] * dy;
+      offset[2 * i + row] = -acc;
     }
     usable[i] = det != 0 && u00 != 0 && u11 != 0;
   }

@@ -32,7 +32,7 @@ from transpose_jax import clib
 
 logger = logging.getLogger(__name__)
 
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 _SOURCE = pathlib.Path(__file__).with_name('_dark.c')
 _LIBRARY = pathlib.Path(__file__).with_name('_dark.so')
 _FLAGS = ['-O3', '-fno-fast-math', '-ffp-contract=off', '-fno-math-errno']
@@ -71,8 +71,7 @@ def _open(path: pathlib.Path) -> ctypes.CDLL | None:
       pointer(np.float32)]
   lib.dark_newton.restype = ctypes.c_int
   lib.dark_newton.argtypes = [pointer(np.float32), ctypes.c_long,
-                              pointer(np.float32), pointer(np.float32),
-                              pointer(np.int8)]
+                              pointer(np.float32), pointer(np.int8)]
   return lib
 
 
@@ -194,18 +193,17 @@ def dark_maps(maps: np.ndarray, kernel: int, region: int, core: int,
 
 def newton(log_stencil: np.ndarray):
   """`_dark.c`'s dark_newton on log-stencils [25, s] float32 (C order): the
-  Newton step's [s, 2, 2] float32 inverses, [s, 2, 1] gradients and which
-  maxima it moves (see decode._newton_offsets); None when a Hessian is not
-  finite or the library is not loaded."""
+  [s, 2] float32 Newton offsets and which maxima move (as
+  decode._newton_offsets); None when a Hessian is not finite or the library
+  is not loaded."""
   if _lib is None:
     return None
   s = log_stencil.shape[1]
-  inverse = np.empty((s, 2, 2), np.float32)
-  gradient = np.empty((s, 2, 1), np.float32)
+  offset = np.empty((s, 2), np.float32)
   usable = np.empty(s, np.int8)
-  if _lib.dark_newton(log_stencil, s, inverse, gradient, usable):
+  if _lib.dark_newton(log_stencil, s, offset, usable):
     return None
-  return inverse, gradient, usable.view(bool)
+  return offset, usable.view(bool)
 
 
 def _reset_for_tests() -> None:

@@ -372,8 +372,8 @@ def _refine(coords: np.ndarray, sel: np.ndarray, maxvals: np.ndarray,
             native: bool = False) -> None:
   """The rescaling, log and Newton step of DARK for the maps `sel`, from
   their [s, 5, 5] unscaled blurred values around the maximum (in place);
-  native: the elementwise part of the Newton step in C (`dark_native.newton`,
-  the same float32 / float64 operations as `_newton_offsets`)."""
+  native: the Newton step after the log in C (`dark_native.newton`, the
+  same float32 / float64 operations as `_newton_offsets`)."""
   with np.errstate(divide='ignore', invalid='ignore'):
     ratio = maxvals / blur_max
   # [25, s]: each pixel of the stencil one contiguous row (elementwise
@@ -382,10 +382,10 @@ def _refine(coords: np.ndarray, sel: np.ndarray, maxvals: np.ndarray,
   log_stencil = np.log(np.maximum(stencil, 1e-10))
   newton = (dark_native.newton(log_stencil)
             if native and _lu_inverse_is_numpys() else None)
-  if newton is not None:  # _newton_offsets in C, but the matrix product
-    inverse, gradient, usable = newton
+  if newton is not None:  # _newton_offsets in C
+    offset, usable = newton
     done = np.nonzero(usable)[0]
-    offset = -(inverse[done] @ gradient[done])[..., 0]
+    offset = offset[done]
   else:
     done, offset = _newton_offsets(
         lambda dy, dx: log_stencil[(2 + dy) * 5 + 2 + dx])
