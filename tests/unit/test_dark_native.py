@@ -163,3 +163,17 @@ def test_newton_step_is_numpys(variant):
   bad = stencil.copy()
   bad[12, 7] = np.inf
   assert dark_native.newton(bad) is None
+
+
+def test_plain_build_is_the_python_path(variant):
+  """The baseline build (no AVX2 intrinsics; what CPUs without AVX2 + FMA
+  run) gives the same results too."""
+  del variant
+  lib = dark_native._library()  # pylint: disable=protected-access
+  lib.dark_set_plain(1)
+  try:
+    rng = np.random.default_rng(9)
+    _assert_same(_special_maps(rng, 64, 48))
+    _assert_same(eval_host.make_batch(24, 20, seed=4)[0].reshape(-1, 64, 48))
+  finally:
+    lib.dark_set_plain(0)

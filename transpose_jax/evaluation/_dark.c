@@ -44,7 +44,7 @@ enum {
   REFINED_WHOLE = 3  /* as REFINED, the map was blurred whole */
 };
 
-int dark_abi_version(void) { return 3; }
+int dark_abi_version(void) { return 4; }
 
 static inline __attribute__((always_inline)) double row_step(
     double s, double k, double x, int fused) {
@@ -621,14 +621,18 @@ __attribute__((target("avx2,fma"))) static long maps_fma(DARK_MAPS_ARGS) {
                           work, status, idx, maxval, blur_max, stencil, 1);
   return dark_maps_impl(DARK_MAPS_CALL, 1);
 }
+static int plain_only = 0;  /* dark_set_plain: tests of the plain build */
 static int has_fma(void) {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return !plain_only && __builtin_cpu_supports("avx2") &&
+         __builtin_cpu_supports("fma");
 }
+void dark_set_plain(int plain) { plain_only = plain; }
 #else
 static void blur_fma(DARK_BLUR_ARGS) { blur_impl(DARK_BLUR_CALL); }
 static long maps_fma(DARK_MAPS_ARGS) { return dark_maps_impl(DARK_MAPS_CALL, 0); }
 static int has_fma(void) { return 0; }
+void dark_set_plain(int plain) { (void)plain; }
 #endif
 
 static void blur_plain(DARK_BLUR_ARGS) { blur_impl(DARK_BLUR_CALL); }

@@ -32,7 +32,7 @@ from transpose_jax import clib
 
 logger = logging.getLogger(__name__)
 
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 _SOURCE = pathlib.Path(__file__).with_name('_dark.c')
 _LIBRARY = pathlib.Path(__file__).with_name('_dark.so')
 _FLAGS = ['-O3', '-fno-fast-math', '-ffp-contract=off', '-fno-math-errno']
@@ -69,6 +69,8 @@ def _open(path: pathlib.Path) -> ctypes.CDLL | None:
       ctypes.c_double, ctypes.c_int, _f64p, pointer(np.int8),
       pointer(np.int64), pointer(np.float32), pointer(np.float32),
       pointer(np.float32)]
+  lib.dark_set_plain.restype = None
+  lib.dark_set_plain.argtypes = [ctypes.c_int]
   lib.dark_newton.restype = ctypes.c_int
   lib.dark_newton.argtypes = [pointer(np.float32), ctypes.c_long,
                               pointer(np.float32), pointer(np.int8)]
