@@ -15,6 +15,7 @@ PYTEST_ARGS ?=
 # accelerator.
 TEST_ENV := env JAX_PLATFORMS=cpu
 JPEG_ROI := input_pipeline/_jpeg_roi.so
+DARK_LIB := transpose_jax/evaluation/_dark.so
 # A checkout of yangsenius/TransPose: `make bench OFFICIAL=DIR` times the
 # official training step and data pipeline beside ours (needs yacs);
 # `make bench BASELINE=DIR` times another checkout of this project's training
@@ -36,7 +37,7 @@ endif
 
 .PHONY: install test test-slow test-all test-device demo bench clean
 
-install: $(STAMP) $(JPEG_ROI)
+install: $(STAMP) $(JPEG_ROI) $(DARK_LIB)
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-export.txt pyproject.toml
 	@if [ -z "$(TCMALLOC)" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -55,6 +56,13 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-export.txt pyprojec
 $(JPEG_ROI): input_pipeline/_jpeg_roi.c
 	@$${CC:-gcc} -O2 -shared -fPIC $< -o $@ -ljpeg 2>/dev/null || \
 	  echo "note: $@ not built (needs gcc and libjpeg-turbo headers: apt-get install libjpeg62-turbo-dev); training decodes whole JPEGs (same crops, slower)"
+
+# DARK decoding's blur in C (transpose_jax/evaluation/dark_native.py; the
+# flags keep every rounding as written); without gcc evaluation decodes with
+# numpy + cv2 (same results, slower).
+$(DARK_LIB): transpose_jax/evaluation/_dark.c
+	@($${CC:-gcc} -O3 -fno-fast-math -ffp-contract=off -fno-math-errno -shared -fPIC $< -o $@.tmp -lm 2>/dev/null && mv $@.tmp $@) || \
+	  echo "note: $@ not built (needs gcc); evaluation decodes heatmaps with numpy + cv2 (same results, slower)"
 
 # The default suite (< 20 minutes on 2 cores: tests/unit, tests/parity,
 # tests/integration); slow tests have their own target.

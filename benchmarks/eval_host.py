@@ -19,7 +19,9 @@ thread:
   the process (what one core does, unaffected by other processes taking turns
   on it; the wall-clock rate is printed too);
 * the time per crop of each stage, and the share of the maps whose blurred
-  maximum the bound of `decode._dark` did not settle (blurred whole);
+  maximum the bound of `decode._dark` did not settle (blurred whole), and
+  whether the blur ran in C (`dark_native`; TRANSPOSE_NATIVE_DARK=0: numpy
+  + cv2);
 * with --baseline REV, the same for the post-processing code of git revision
   REV (its decode.py, nms.py and coco_metrics.py, fed [N, h, w, K] heatmaps
   as that code's evaluation did) and whether both give identical predictions,
@@ -46,7 +48,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # pylint: disable=g-import-not-at-top
-from transpose_jax.evaluation import coco_metrics, decode, nms
+from transpose_jax.evaluation import coco_metrics, dark_native, decode, nms
 
 
 def make_batch(num_crops: int, per_image: int, seed: int = 0):
@@ -171,21 +173,14 @@ def main() -> None:
   print(f'{args.crops} crops, {args.per_image} per image, batches of '
         f'{args.batch}, CPU {cpu} (load average {os.getloadavg()[0]:.1f})')
 
-  whole = [0]
-  tile_blur = decode._tile_blur  # pylint: disable=protected-access
-
-  def counting_tile_blur(maps, kernel, gap):
-    if gap:  # whole maps (gap 0: the patches around the maxima)
-      whole[0] += len(maps)
-    return tile_blur(maps, kernel, gap)
-
-  decode._tile_blur = counting_tile_blur  # pylint: disable=protected-access
+  whole = decode.maps_blurred_whole
   clock, preds, maxvals, kept = best_of(
       args.repeats, decode, coco_metrics, heatmaps, center, scale, score,
       image_id, args.batch, True)
-  decode._tile_blur = tile_blur  # pylint: disable=protected-access
+  whole = decode.maps_blurred_whole - whole
   rate = report('this tree', clock, args.crops)
-  print(f'maps blurred whole: {whole[0] / args.repeats / heatmaps[:, :, 0, 0].size:.1%}')
+  print(f'maps blurred whole: {whole / args.repeats / heatmaps[:, :, 0, 0].size:.1%}'
+        f' (DARK blur in C: {dark_native.variant(11) is not None})')
 
   if args.baseline:
     old_decode, old_metrics = load_revision(args.baseline)

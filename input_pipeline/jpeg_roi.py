@@ -37,19 +37,16 @@ which a full decoder such as OpenCV's prints to stderr and otherwise ignores.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import math
 import os
 import pathlib
-import shlex
-import shutil
-import subprocess
-import tempfile
 import threading
 
 import cv2
 import numpy as np
+
+from transpose_jax import clib
 
 logger = logging.getLogger(__name__)
 
@@ -74,40 +71,6 @@ _enabled = True
 # ------------------------------------------------------------ the library
 
 
-def _compile(target: pathlib.Path) -> str | None:
-  """Builds _jpeg_roi.c into target (atomically); returns an error or None."""
-  cc = os.environ.get('CC') or shutil.which('gcc') or shutil.which('cc')
-  if not cc:
-    return 'no C compiler (gcc/cc) found'
-  try:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix='.so', dir=target.parent)
-    os.close(fd)
-  except OSError as e:
-    return f'cannot write to {target.parent}: {e}'
-  cmd = [*shlex.split(cc), '-O2', '-shared', '-fPIC', str(_SOURCE), '-o', tmp,
-         '-ljpeg']
-  try:
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
-                          check=False)
-    if done.returncode != 0:
-      return f'{" ".join(cmd)} failed: {done.stderr.strip()[-500:]}'
-    os.replace(tmp, target)  # atomic: concurrent workers may build too
-    return None
-  except (OSError, subprocess.SubprocessError) as e:
-    return f'{" ".join(cmd)} failed: {e}'
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-def _cache_library() -> pathlib.Path:
-  digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16]
-  cache = pathlib.Path(os.environ.get('XDG_CACHE_HOME',
-                                      pathlib.Path.home() / '.cache'))
-  return cache / 'transpose-jax' / f'_jpeg_roi-{digest}.so'
-
-
 def _open(path: pathlib.Path) -> ctypes.CDLL | None:
   try:
     lib = ctypes.CDLL(str(path))
@@ -130,45 +93,10 @@ def _open(path: pathlib.Path) -> ctypes.CDLL | None:
   return lib
 
 
-def _stale(path: pathlib.Path) -> bool:
-  try:
-    return _SOURCE.stat().st_mtime > path.stat().st_mtime
-  except OSError:
-    return False
-
-
 def _find_or_build() -> tuple[ctypes.CDLL | None, str | None]:
-  """The loaded library, or (None, why not).
-
-  Order: the library next to the source (`make install` builds it), then the
-  per-source-hash cache; one that is older than _jpeg_roi.c is rebuilt first
-  (kept if rebuilding fails). Without any, build one.
-  """
-  candidates = [_LIBRARY]
-  if _SOURCE.exists():
-    candidates.append(_cache_library())
-  for path in candidates:
-    if path.exists():
-      if _stale(path):
-        error = _compile(path)
-        if error is not None:
-          logger.warning('could not rebuild %s (%s); using the old build',
-                         path, error)
-      lib = _open(path)
-      if lib is not None:
-        return lib, None
-  if not _SOURCE.exists():
-    return None, f'{_SOURCE} is missing'
-  errors = []
-  for path in candidates:
-    error = _compile(path)
-    if error is None:
-      lib = _open(path)
-      if lib is not None:
-        return lib, None
-      error = f'{path} does not load'
-    errors.append(error)
-  return None, '; '.join(errors)
+  """The loaded library, or (None, why not) (`clib.find_or_build`)."""
+  return clib.find_or_build(_SOURCE, _LIBRARY, _open, flags=['-O2'],
+                            libs=['-ljpeg'])
 
 
 def _self_check(lib: ctypes.CDLL) -> str | None:

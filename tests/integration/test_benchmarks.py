@@ -1,4 +1,5 @@
-"""benchmarks/accelerator.py: one tiny row end to end, and the peak FLOP/s table."""
+"""benchmarks/accelerator.py: one tiny row end to end, and the peak FLOP/s table;
+benchmarks/eval_host.py: a small run against the committed post-processing."""
 
 import json
 import pathlib
@@ -60,3 +61,17 @@ def test_attention_benchmark_times_the_three_kernels(capsys):
   assert all(float(c) > 0 for c in cells[2:5])
   # Same gradients as the reference: float32 noise (measured ~2e-6 at L=768).
   assert all(float(d) < 1e-5 for d in cells[6].split(' / '))
+
+
+def test_eval_host_smoke_run():
+  """The rate line, and the same predictions as the committed code (HEAD;
+  in C when the DARK library loads, numpy + cv2 otherwise)."""
+  if not (ROOT / '.git').exists():
+    pytest.skip('not a git checkout (--baseline needs one)')
+  out = subprocess.run(
+      [sys.executable, str(ROOT / 'benchmarks' / 'eval_host.py'), '--crops', '64',
+       '--repeats', '1', '--baseline', 'HEAD'],
+      cwd=ROOT, check=True, capture_output=True, text=True, timeout=300).stdout
+  assert 'identical results: True' in out
+  (rate,) = [line for line in out.splitlines() if line.startswith('postprocess crops/s=')]
+  assert float(rate.split('=')[1]) > 0

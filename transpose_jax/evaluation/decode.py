@@ -14,6 +14,7 @@ Unlike the official functions, nothing here modifies its inputs in place.
 """
 
 from collections.abc import Sequence
+import functools
 
 import cv2
 import jax
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transpose_jax import keypoints
+from transpose_jax.evaluation import dark_native
 from transpose_jax.input_pipeline import transforms
 
 # `_tile_blur`: maps per row of the tiled image, maps per cv2 call.
@@ -35,6 +37,9 @@ _REGION = 5
 _CORE = 3
 # Rows per group of the one pass over the data (group maxima).
 _ROW_GROUP = 8
+# Maps `_dark` has blurred whole since the process started (the bounds did
+# not settle them; benchmarks/eval_host.py reports the share).
+maps_blurred_whole = 0
 
 
 def _check_heatmaps(heatmaps: np.ndarray, name: str = 'heatmaps',
@@ -167,6 +172,9 @@ def _newton_offsets(at) -> tuple[np.ndarray, np.ndarray]:
   hessian = np.stack([np.stack([dxx, dxy], -1), np.stack([dxy, dyy], -1)], -2)
   gradient = np.stack([dx, dy], -1)[..., None]
   idx = np.nonzero(ok)[0]
+  inverse, invertible = _inverse_2x2(hessian[idx])
+  if inverse is not None:
+    return idx[invertible], -(inverse[invertible] @ gradient[idx[invertible]])[..., 0]
   try:
     inverse = np.linalg.inv(hessian[idx])
   except np.linalg.LinAlgError:
@@ -183,6 +191,55 @@ def _newton_offsets(at) -> tuple[np.ndarray, np.ndarray]:
     inverse = (np.stack(inverses) if inverses
                else np.zeros((0, 2, 2), hessian.dtype))
   return idx, -(inverse @ gradient[idx])[..., 0]
+
+
+def _lu_inverse_2x2(matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Inverses of [n, 2, 2] float64 matrices as LAPACK's gesv (getrf + getrs
+  with B = I) computes them in the OpenBLAS that numpy ships: partial
+  pivoting (the first largest |pivot|), the multiplier and both back
+  substitutions by the reciprocal of the pivot; and which are invertible (no
+  zero pivot: where gesv reports a singular matrix)."""
+  a, b = matrices[:, 0, 0], matrices[:, 0, 1]
+  c, d = matrices[:, 1, 0], matrices[:, 1, 1]
+  swap = np.abs(c) > np.abs(a)
+  u00, other = np.where(swap, c, a), np.where(swap, a, c)
+  u01, other1 = np.where(swap, d, b), np.where(swap, b, d)
+  with np.errstate(divide='ignore', invalid='ignore'):
+    low = other * (1 / u00)
+    u11 = other1 - low * u01
+    columns = []
+    for col in (0, 1):
+      b0 = np.where(swap, float(col == 1), float(col == 0))
+      b1 = np.where(swap, float(col == 0), float(col == 1)) - low * b0
+      x1 = b1 * (1 / u11)
+      columns.append(np.stack([(b0 - u01 * x1) * (1 / u00), x1], -1))
+  return np.stack(columns, -1), (u00 != 0) & (u11 != 0)
+
+
+@functools.cache
+def _lu_inverse_is_numpys() -> bool:
+  """Whether `_lu_inverse_2x2` equals np.linalg.inv here, bit for bit (on
+  random matrices with float32 entries and symmetric ones, as the Hessians)."""
+  rng = np.random.default_rng(20260702)
+  m = rng.normal(size=(4096, 2, 2)) * rng.choice([1e-3, 1.0, 1e3],
+                                                size=(4096, 1, 1))
+  m[:2048, 1, 0] = m[:2048, 0, 1]
+  m[:1024] = -np.abs(m[:1024])
+  m = m.astype(np.float32).astype(np.float64)
+  got, invertible = _lu_inverse_2x2(m)
+  return bool(invertible.all()) and np.array_equal(
+      got.view(np.int64), np.linalg.inv(m).view(np.int64))
+
+
+def _inverse_2x2(hessian: np.ndarray):
+  """np.linalg.inv of the [n, 2, 2] Hessians without a LAPACK call per
+  matrix (1 us each): `_lu_inverse_2x2` in float64, cast to the input dtype
+  as np.linalg.inv casts it; (None, None) where that could differ
+  (non-finite entries, or a numpy whose LAPACK computes otherwise)."""
+  if not _lu_inverse_is_numpys() or not np.isfinite(hessian).all():
+    return None, None
+  inverse, invertible = _lu_inverse_2x2(hessian.astype(np.float64))
+  return inverse.astype(hessian.dtype), invertible
 
 
 def taylor_refine(log_heatmaps: np.ndarray,
@@ -217,6 +274,7 @@ def taylor_refine(log_heatmaps: np.ndarray,
   return out
 
 
+@functools.lru_cache(maxsize=None)
 def _kernel_sums(kernel: int, core: int, region: int) -> tuple[float, float]:
   """(S, W) for the bound of `_dark`: S the sum of the 2-D blur kernel, W the
   largest weight it gives to the (2 core + 1)^2 box around the maximum from a
@@ -233,6 +291,111 @@ def _kernel_sums(kernel: int, core: int, region: int) -> tuple[float, float]:
 
 def _dark(maps: np.ndarray, kernel: int) -> tuple[np.ndarray, np.ndarray]:
   """Argmax + DARK refinement of maps [M, h, w] (float32, C order).
+
+  The blur part and the Newton step in C (`dark_native`, the algorithm of
+  `_dark_python` with OpenCV's blur written out) when its library loads,
+  its blur equals cv2's here and the whole path `_dark_python`'s on test
+  maps (`_native_agrees`); the maps it leaves (maximum <= 0, NaN / inf) and
+  every map without it go through `_dark_python`. The log is numpy's either
+  way.
+
+  Returns:
+    coords [M, 2] float32 (x, y) in heatmap pixels and maxvals [M] float32,
+    bit-identical to get_max_preds + gaussian_blur + log + taylor_refine.
+  """
+  global maps_blurred_whole
+  w = maps.shape[2]
+  native = (_native_dark(maps, kernel)
+            if dark_native.variant(kernel) is not None
+            and _native_agrees(kernel) else None)
+  if native is None:
+    return _dark_python(maps, kernel)
+  status, idx, maxvals, blur_max, stencil, whole = native
+  maps_blurred_whole += whole
+  coords = np.stack([idx % w, idx // w], axis=-1).astype(np.float32)
+  rest = np.nonzero(status == dark_native.PYTHON)[0]
+  if rest.size:
+    coords[rest], maxvals[rest] = _dark_python(maps[rest], kernel)
+  sel = np.nonzero((status == dark_native.REFINED)
+                   | (status == dark_native.REFINED_WHOLE))[0]
+  _refine(coords, sel, maxvals[sel], blur_max[sel], stencil[sel], native=True)
+  return coords, maxvals
+
+
+def _native_dark(maps: np.ndarray, kernel: int):
+  return dark_native.dark_maps(maps, kernel, _REGION, _CORE,
+                               *_kernel_sums(kernel, _CORE, _REGION))
+
+
+@functools.cache
+def _native_agrees(kernel: int) -> bool:
+  """Whether the C path gives `_dark_python`'s results on test maps (peaks
+  inside, near the border, two and three peaks, noise): checked once per
+  process and kernel size; False turns the C path off (logged)."""
+  global maps_blurred_whole
+  rng = np.random.default_rng(20260703)
+  maps = []
+  for h, w in ((64, 48), (96, 72), (20, 13)):
+    yy, xx = np.mgrid[:h, :w]
+    for x, y in ([w / 2, h / 2], [3, 4], [w - 2, h - 8], [9.5, 10.3],
+                 [w - 11, h - 11]):
+      peak = np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 8.0)
+      maps.append(peak + rng.normal(0, 0.01, (h, w)))
+      maps.append(peak + 0.9 * np.exp(-((xx - w + x) ** 2 + (yy - h + y) ** 2)
+                                      / 8.0))
+      maps.append(maps[-1] + 0.8 * np.exp(-((xx - w / 3) ** 2
+                                              + (yy - h / 3) ** 2) / 30.0))
+    groups = np.stack(maps[-15:]).astype(np.float32)
+    whole = maps_blurred_whole
+    want = _dark_python(groups, kernel)
+    got = _native_dark(groups, kernel)
+    maps_blurred_whole = whole  # not counted
+    if got is None:
+      return False
+    coords = np.stack([got[1] % w, got[1] // w], axis=-1).astype(np.float32)
+    sel = np.nonzero(got[0] != dark_native.PYTHON)[0]
+    done = np.nonzero((got[0] == dark_native.REFINED)
+                      | (got[0] == dark_native.REFINED_WHOLE))[0]
+    _refine(coords, done, got[2][done], got[3][done], got[4][done],
+            native=True)
+    if not (np.array_equal(coords[sel].view(np.int32), want[0][sel].view(np.int32))
+            and np.array_equal(got[2][sel].view(np.int32),
+                               want[1][sel].view(np.int32))):
+      dark_native.logger.warning(
+          'DARK decoding in C differs from numpy + cv2 on test maps (%dx%d); '
+          'numpy + cv2 decoding (same results, slower)', h, w)
+      return False
+  return True
+
+
+def _refine(coords: np.ndarray, sel: np.ndarray, maxvals: np.ndarray,
+            blur_max: np.ndarray, stencil: np.ndarray,
+            native: bool = False) -> None:
+  """The rescaling, log and Newton step of DARK for the maps `sel`, from
+  their [s, 5, 5] unscaled blurred values around the maximum (in place);
+  native: the Newton step after the log in C (`dark_native.newton`, the
+  same float32 / float64 operations as `_newton_offsets`)."""
+  with np.errstate(divide='ignore', invalid='ignore'):
+    ratio = maxvals / blur_max
+  # [25, s]: each pixel of the stencil one contiguous row (elementwise
+  # operations, the same values in any layout; faster on contiguous rows).
+  stencil = np.ascontiguousarray(stencil.reshape(-1, 25).T) * ratio
+  log_stencil = np.log(np.maximum(stencil, 1e-10))
+  newton = (dark_native.newton(log_stencil)
+            if native and _lu_inverse_is_numpys() else None)
+  if newton is not None:  # _newton_offsets in C
+    offset, usable = newton
+    done = np.nonzero(usable)[0]
+    offset = offset[done]
+  else:
+    done, offset = _newton_offsets(
+        lambda dy, dx: log_stencil[(2 + dy) * 5 + 2 + dx])
+  coords[sel[done]] += offset.astype(np.float32)
+
+
+def _dark_python(maps: np.ndarray,
+                 kernel: int) -> tuple[np.ndarray, np.ndarray]:
+  """`_dark` in numpy + cv2 (the reference of the C path).
 
   The official result without blurring every map: the blur enters it only
   through (a) the blurred values at the 13 pixels of the Newton step and
@@ -253,6 +416,7 @@ def _dark(maps: np.ndarray, kernel: int) -> tuple[np.ndarray, np.ndarray]:
     coords [M, 2] float32 (x, y) in heatmap pixels and maxvals [M] float32,
     bit-identical to get_max_preds + gaussian_blur + log + taylor_refine.
   """
+  global maps_blurred_whole
   m, h, w = maps.shape
   border = (kernel - 1) // 2
   flat = maps.reshape(m, h * w)
@@ -337,17 +501,12 @@ def _dark(maps: np.ndarray, kernel: int) -> tuple[np.ndarray, np.ndarray]:
         blur_max[unsettled], peak[unsettled], kernel, total, weight)
     unsettled = unsettled[~settled]
   if unsettled.size:
+    maps_blurred_whole += unsettled.size
     blurred = _tile_blur(maps[sel[unsettled]], kernel, border)
     blur_max[unsettled] = blurred.reshape(len(unsettled), -1).max(axis=1)
 
-  with np.errstate(divide='ignore', invalid='ignore'):
-    ratio = maxvals[sel] / blur_max
-  stencil = region[:, _REGION - 2:_REGION + 3, _REGION - 2:_REGION + 3]
-  stencil = stencil * ratio[:, None, None]
-  log_stencil = np.log(np.maximum(stencil, 1e-10))
-  done, offset = _newton_offsets(
-      lambda dy, dx: log_stencil[:, 2 + dy, 2 + dx])
-  coords[sel[done]] += offset.astype(np.float32)
+  _refine(coords, sel, maxvals[sel], blur_max,
+          region[:, _REGION - 2:_REGION + 3, _REGION - 2:_REGION + 3])
   return coords, maxvals
 
 

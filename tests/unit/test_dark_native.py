@@ -1,0 +1,179 @@
+"""DARK decoding's blur in C (`dark_native`, `_dark.c`) equals cv2's blur and
+the numpy + cv2 path (`decode._dark_python`) bit for bit."""
+
+import pathlib
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from transpose_jax.evaluation import dark_native
+from transpose_jax.evaluation import decode
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / 'benchmarks'))
+import eval_host  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope='module')
+def variant():
+  found = dark_native.variant(11)
+  if found is None:
+    pytest.skip('DARK library unavailable here (no compiler, or its blur '
+                'differs from cv2)')
+  return found
+
+
+def _canvases(rng, radius=5):
+  """Zero-padded float64 canvases: random, heatmap-like, zeros, tiny,
+  denormal, negative values, ties, peaks at the border."""
+  out = []
+  for h, w in ((64, 48), (17, 13), (3, 2), (40, 71), (96, 72)):
+    yy, xx = np.mgrid[:h, :w]
+    kinds = [
+        rng.random((h, w)),
+        np.exp(-((xx - rng.uniform(0, w)) ** 2 + (yy - rng.uniform(0, h)) ** 2)
+               / 8.0),
+        np.zeros((h, w)),
+        rng.random((h, w)) * 1e-38,
+        rng.random((h, w)) * 1e-42,
+        rng.normal(size=(h, w)),
+        np.where(rng.random((h, w)) < 0.5, 1.0, 0.0),
+        np.exp(-(xx ** 2 + (yy - h + 1) ** 2) / 4.0),
+    ]
+    for values in kinds:
+      canvas = np.zeros((h + 2 * radius, w + 2 * radius))
+      canvas[radius:radius + h, radius:radius + w] = values.astype(np.float32)
+      out.append(canvas)
+  return out
+
+
+def test_blur_is_cv2_gaussian_blur(variant):
+  rng = np.random.default_rng(0)
+  for canvas in _canvases(rng):
+    want = cv2.GaussianBlur(canvas, (11, 11), 0)[5:-5, 5:-5]
+    got = dark_native.blur(canvas, 11, variant)
+    np.testing.assert_array_equal(got.view(np.int64), want.view(np.int64))
+
+
+def _special_maps(rng, h, w):
+  yy, xx = np.mgrid[:h, :w].astype(np.float32)
+
+  def peak(x, y, s=2.0, a=1.0):
+    return (a * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s * s))
+            ).astype(np.float32)
+
+  maps = [
+      np.zeros((h, w), np.float32),                     # maximum 0
+      -np.ones((h, w), np.float32),                     # negative maximum
+      np.full((h, w), 0.25, np.float32),                # flat: all tie
+      peak(w / 2, h / 2) + peak(w / 2 + 9, h / 2),      # two equal peaks
+      peak(0, 0), peak(1, h - 2), peak(w - 1, h / 2),   # at the border
+      peak(2, 2), peak(w - 3, h - 3), peak(w - 11, 10),
+      peak(w / 2, h / 2, a=1e-30),                      # tiny values
+      peak(w / 2, h / 2, a=1e-40),                      # denormal
+      peak(w / 2, h / 2, 0.3),                          # sharp
+      peak(w / 3, h / 3, 6.0) + 0.9 * peak(2 * w / 3, 2 * h / 3, 6.0)
+      + 0.8 * peak(w / 3, 2 * h / 3, 6.0),              # three broad peaks
+      rng.normal(0, 0.01, (h, w)).astype(np.float32),   # noise
+  ]
+  nan = peak(w / 2, h / 2)
+  nan[3, 4] = np.nan
+  inf = peak(w / 2, h / 2)
+  inf[h - 1, 1] = np.inf
+  neg_inf = peak(w / 2, h / 2)
+  neg_inf[0, 0] = -np.inf
+  negzero = np.zeros((h, w), np.float32)
+  negzero[2, 3] = -0.0
+  negzero[h - 1, w - 1] = -0.0
+  return np.stack(maps + [nan, inf, neg_inf, negzero])
+
+
+def _assert_same(maps):
+  want = decode._dark_python(maps, 11)  # pylint: disable=protected-access
+  got = decode._dark(maps, 11)  # pylint: disable=protected-access
+  for g, w in zip(got, want):
+    assert g.dtype == w.dtype
+    np.testing.assert_array_equal(g.view(np.int32), w.view(np.int32))
+
+
+@pytest.mark.parametrize('shape', [(64, 48), (96, 72), (12, 9), (5, 5),
+                                   (64, 44)])
+def test_dark_is_the_python_path_on_special_maps(variant, shape):
+  del variant
+  rng = np.random.default_rng(sum(shape))
+  _assert_same(_special_maps(rng, *shape))
+
+
+def test_dark_is_the_python_path_on_the_benchmark_batch(variant):
+  del variant
+  heatmaps = eval_host.make_batch(96, 20, seed=3)[0]
+  _assert_same(heatmaps.reshape(-1, 64, 48))
+
+
+def test_off_switch(monkeypatch, variant):
+  del variant
+  monkeypatch.setenv('TRANSPOSE_NATIVE_DARK', '0')
+  assert dark_native.variant(11) is None
+  heatmaps = eval_host.make_batch(4, 2, seed=1)[0].reshape(-1, 64, 48)
+  assert dark_native.dark_maps(heatmaps, 11, 5, 3, 1.0, 0.1) is None
+  want = decode._dark_python(heatmaps, 11)  # pylint: disable=protected-access
+  got = decode._dark(heatmaps, 11)  # pylint: disable=protected-access
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g, w)
+
+
+def test_end_to_end_check_catches_a_wrong_blur(monkeypatch, variant):
+  """The first-use check of decode (C path == numpy path on test maps) turns
+  the C path off when it computes something else (here: another kernel).
+  The last bit of the float64 blur seldom reaches the float32 results, so
+  the variant is checked on the blur itself (test_blur_is_cv2_gaussian_blur)."""
+  del variant
+  decode._native_agrees.cache_clear()  # pylint: disable=protected-access
+  other = np.ascontiguousarray(cv2.getGaussianKernel(11, 2.5, cv2.CV_64F).ravel())
+  monkeypatch.setattr(dark_native, '_kernel', lambda size: other)
+  try:
+    assert not decode._native_agrees(11)  # pylint: disable=protected-access
+    monkeypatch.undo()
+    decode._native_agrees.cache_clear()  # pylint: disable=protected-access
+    assert decode._native_agrees(11)  # pylint: disable=protected-access
+  finally:
+    decode._native_agrees.cache_clear()  # pylint: disable=protected-access
+
+
+def test_newton_step_is_numpys(variant):
+  """dark_native.newton == decode._newton_offsets (numpy's matmul
+  included), on random log-stencils with flat, singular and tied cases."""
+  del variant
+  rng = np.random.default_rng(5)
+  s = 200000
+  stencil = rng.normal(-2, 1, (25, s)).astype(np.float32)
+  stencil[:, :50] = -3.0                        # flat: det 0
+  stencil[:, 50:100] = rng.normal(size=(25, 1))  # flat again
+  stencil[:, 100:200] = np.round(stencil[:, 100:200])  # small integers: ties
+  stencil[:, 200:300] *= 1e-20                  # tiny derivatives
+  stencil = np.ascontiguousarray(stencil)
+  offset, usable = dark_native.newton(stencil)
+  done = np.nonzero(usable)[0]
+  offset = offset[done]
+  want_done, want_offset = decode._newton_offsets(  # pylint: disable=protected-access
+      lambda dy, dx: stencil[(2 + dy) * 5 + 2 + dx])
+  np.testing.assert_array_equal(done, want_done)
+  np.testing.assert_array_equal(offset.view(np.int32), want_offset.view(np.int32))
+  bad = stencil.copy()
+  bad[12, 7] = np.inf
+  assert dark_native.newton(bad) is None
+
+
+def test_plain_build_is_the_python_path(variant):
+  """The baseline build (no AVX2 intrinsics; what CPUs without AVX2 + FMA
+  run) gives the same results too."""
+  del variant
+  lib = dark_native._library()  # pylint: disable=protected-access
+  lib.dark_set_plain(1)
+  try:
+    rng = np.random.default_rng(9)
+    _assert_same(_special_maps(rng, 64, 48))
+    _assert_same(eval_host.make_batch(24, 20, seed=4)[0].reshape(-1, 64, 48))
+  finally:
+    lib.dark_set_plain(0)

@@ -1,0 +1,215 @@
+"""The blur of DARK decoding in C (`_dark.c`), for `decode._dark`.
+
+`dark_maps` finds each map's first maximum and blurs, exactly as OpenCV does,
+only what `decode._dark` needs (the 5x5 pixels of the Newton step and the
+blurred maximum, proven by the same bound); decode.py does the rest in numpy.
+About 10x faster than the numpy + cv2 path, bit-identical to it.
+
+OpenCV's float64 blur fuses some multiply-adds or not depending on how it
+was compiled for this CPU, so on first use for a kernel size this module
+blurs random maps with each variant of the C blur and keeps the one that
+equals `cv2.GaussianBlur` bit for bit; none equal: the C path is off (logged
+once) and decode.py uses its numpy + cv2 path (same results, slower), as it
+does without a C compiler. TRANSPOSE_NATIVE_DARK=0 turns the C path off.
+
+The library is built on first use (`clib`), without floating-point
+contraction and fast-math, which would change the roundings.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import pathlib
+import threading
+
+import cv2
+import numpy as np
+
+from transpose_jax import clib
+
+logger = logging.getLogger(__name__)
+
+_ABI_VERSION = 4
+_SOURCE = pathlib.Path(__file__).with_name('_dark.c')
+_LIBRARY = pathlib.Path(__file__).with_name('_dark.so')
+_FLAGS = ['-O3', '-fno-fast-math', '-ffp-contract=off', '-fno-math-errno']
+# `dark_maps` status codes (_dark.c).
+REFINED, BORDER, PYTHON, REFINED_WHOLE = 0, 1, 2, 3
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_loaded = False
+_reason: str | None = None
+_variants: dict[int, int | None] = {}
+_enabled = True
+
+_f64p = np.ctypeslib.ndpointer(np.float64, flags='C_CONTIGUOUS')
+
+
+def _open(path: pathlib.Path) -> ctypes.CDLL | None:
+  try:
+    lib = ctypes.CDLL(str(path))
+    lib.dark_abi_version.restype = ctypes.c_int
+    if lib.dark_abi_version() != _ABI_VERSION:
+      return None
+  except (OSError, AttributeError):
+    return None
+  def pointer(dtype):
+    return np.ctypeslib.ndpointer(dtype, flags='C_CONTIGUOUS')
+  lib.dark_blur.restype = None
+  lib.dark_blur.argtypes = [_f64p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                            _f64p, ctypes.c_int, ctypes.c_int, _f64p, _f64p]
+  lib.dark_maps.restype = ctypes.c_long
+  lib.dark_maps.argtypes = [
+      pointer(np.float32), ctypes.c_long, ctypes.c_int, ctypes.c_int, _f64p,
+      ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_double,
+      ctypes.c_double, ctypes.c_int, _f64p, pointer(np.int8),
+      pointer(np.int64), pointer(np.float32), pointer(np.float32),
+      pointer(np.float32)]
+  lib.dark_set_plain.restype = None
+  lib.dark_set_plain.argtypes = [ctypes.c_int]
+  lib.dark_newton.restype = ctypes.c_int
+  lib.dark_newton.argtypes = [pointer(np.float32), ctypes.c_long,
+                              pointer(np.float32), pointer(np.int8)]
+  return lib
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(size: int) -> np.ndarray:
+  return np.ascontiguousarray(
+      cv2.getGaussianKernel(size, 0, cv2.CV_64F).ravel())
+
+
+def blur(canvas: np.ndarray, kernel: int, variant: int) -> np.ndarray:
+  """The C blur of the pixels of a float64 canvas at least (kernel - 1) / 2
+  from its border (what cv2.GaussianBlur gives there)."""
+  lib = _library()
+  if lib is None:
+    raise RuntimeError(f'the DARK library is unavailable: {_reason}')
+  canvas = np.ascontiguousarray(canvas, np.float64)
+  radius = (kernel - 1) // 2
+  rows, cols = canvas.shape[0] - 2 * radius, canvas.shape[1] - 2 * radius
+  out = np.empty((rows, cols))
+  tmp = np.empty((rows + 2 * radius) * cols)
+  lib.dark_blur(canvas, canvas.shape[1], rows, cols, _kernel(kernel), kernel,
+                variant, tmp, out)
+  return out
+
+
+def _check_variant(kernel: int) -> int | None:
+  """The variant of the C blur equal to cv2.GaussianBlur on random maps."""
+  rng = np.random.default_rng(20260701)
+  radius = (kernel - 1) // 2
+  canvases = []
+  for h, w in ((64, 48), (17, 13), (5, 9), (40, 71)):
+    canvas = np.zeros((h + 2 * radius, w + 2 * radius))
+    values = rng.random((h, w)) * rng.choice([1.0, 1e-3, 1e-300, 1e-310],
+                                             size=(h, w))
+    values[rng.random((h, w)) < 0.2] = 0
+    values[rng.random((h, w)) < 0.1] *= -1
+    canvas[radius:radius + h, radius:radius + w] = values.astype(np.float32)
+    canvases.append(canvas)
+  for variant in range(4):
+    if all(np.array_equal(
+        blur(c, kernel, variant).view(np.int64),
+        cv2.GaussianBlur(c, (kernel, kernel), 0)[
+            radius:-radius, radius:-radius].view(np.int64))
+           for c in canvases):
+      return variant
+  return None
+
+
+def _library() -> ctypes.CDLL | None:
+  global _lib, _loaded, _reason
+  if _loaded:
+    return _lib
+  with _lock:
+    if not _loaded:
+      _lib, _reason = clib.find_or_build(_SOURCE, _LIBRARY, _open,
+                                         flags=_FLAGS, libs=['-lm'])
+      if _lib is None:
+        logger.warning('DARK decoding in C unavailable (%s): numpy + cv2 '
+                       'decoding (same results, slower)', _reason)
+      _loaded = True
+  return _lib
+
+
+def variant(kernel: int) -> int | None:
+  """The checked variant of the C blur for this kernel size, or None (the C
+  path is off: disabled, no library, or no variant equals cv2's blur)."""
+  if not _enabled or os.environ.get('TRANSPOSE_NATIVE_DARK', '1').strip(
+      ).lower() in ('0', 'false', 'no', 'off'):
+    return None
+  if kernel in _variants:
+    return _variants[kernel]
+  if _library() is None:
+    return None
+  with _lock:
+    if kernel not in _variants:
+      found = _check_variant(kernel)
+      if found is None:
+        logger.warning('DARK decoding in C: no variant of its blur equals '
+                       'cv2.GaussianBlur for kernel %d here; numpy + cv2 '
+                       'decoding (same results, slower)', kernel)
+      _variants[kernel] = found
+  return _variants[kernel]
+
+
+def set_enabled(enabled: bool) -> None:
+  """Turns the C path on or off in this process (tests, comparisons)."""
+  global _enabled
+  _enabled = bool(enabled)
+
+
+def dark_maps(maps: np.ndarray, kernel: int, region: int, core: int,
+              total: float, weight: float):
+  """`_dark.c`'s dark_maps on maps [M, h, w] float32 (C order), or None when
+  the C path is off.
+
+  Returns:
+    status [M] int8 (REFINED, BORDER, PYTHON: not handled, REFINED_WHOLE),
+    idx [M] flat index of the first maximum, maxval [M] float32,
+    blur_max [M] float32 (blurred maximum), stencil [M, 5, 5] float32
+    (unscaled blurred values around the maximum), all but status valid only
+    where status says so; and the number of maps blurred whole.
+  """
+  chosen = variant(kernel)
+  if chosen is None:
+    return None
+  m, h, w = maps.shape
+  status = np.empty(m, np.int8)
+  idx = np.zeros(m, np.int64)
+  maxval = np.empty(m, np.float32)
+  blur_max = np.empty(m, np.float32)
+  stencil = np.empty((m, 5, 5), np.float32)
+  span = kernel - 1
+  work = np.empty((h + span) * (w + span) + 2 * (h + span) * w)
+  whole = _lib.dark_maps(maps, m, h, w, _kernel(kernel), kernel, region, core,
+                         total, weight, chosen, work, status, idx, maxval,
+                         blur_max, stencil)
+  return status, idx, maxval, blur_max, stencil, whole
+
+
+def newton(log_stencil: np.ndarray):
+  """`_dark.c`'s dark_newton on log-stencils [25, s] float32 (C order): the
+  [s, 2] float32 Newton offsets and which maxima move (as
+  decode._newton_offsets); None when a Hessian is not finite or the library
+  is not loaded."""
+  if _lib is None:
+    return None
+  s = log_stencil.shape[1]
+  offset = np.empty((s, 2), np.float32)
+  usable = np.empty(s, np.int8)
+  if _lib.dark_newton(log_stencil, s, offset, usable):
+    return None
+  return offset, usable.view(bool)
+
+
+def _reset_for_tests() -> None:
+  global _lib, _loaded, _reason
+  with _lock:
+    _lib, _loaded, _reason = None, False, None
+    _variants.clear()
