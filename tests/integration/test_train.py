@@ -108,6 +108,7 @@ def test_overfits_one_batch(tiny_data):
   assert min(losses[-5:]) < losses[0] / 10, losses[::10]
 
 
+@pytest.mark.slow  # ~23 s; bfloat16 model, attention and loss have unit tests in the default suite
 def test_bf16_step_runs(tiny_data):
   config = _config(tiny_data, **{'model.compute_dtype': 'bfloat16'})
   state, step, batch = _one_batch_setup(config)

@@ -140,6 +140,9 @@ def _import_alone(module: str) -> tuple[str, int, str]:
   return module, done.returncode, done.stderr[-2000:]
 
 
+# ~90 s on 2 cores (one interpreter per module); the import graph tests
+# above check the same cycles statically in the default suite.
+@pytest.mark.slow
 def test_every_module_imports_alone_in_a_fresh_interpreter():
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as pool:
     results = list(pool.map(_import_alone, sorted(MODULES)))
