@@ -72,12 +72,8 @@ _enabled = True
 
 
 def _open(path: pathlib.Path) -> ctypes.CDLL | None:
-  try:
-    lib = ctypes.CDLL(str(path))
-    lib.jroi_abi_version.restype = ctypes.c_int
-    if lib.jroi_abi_version() != _ABI_VERSION:
-      return None
-  except (OSError, AttributeError):
+  lib = clib.open_library(path, 'jroi_abi_version', _ABI_VERSION)
+  if lib is None:
     return None
   c_int_p = ctypes.POINTER(ctypes.c_int)
   lib.jroi_info.restype = ctypes.c_int

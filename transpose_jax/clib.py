@@ -24,6 +24,21 @@ from collections.abc import Callable, Sequence
 logger = logging.getLogger(__name__)
 
 
+def open_library(path: pathlib.Path, abi_function: str,
+                 abi_version: int) -> ctypes.CDLL | None:
+  """The library at path when it loads and its `abi_function()` returns
+  abi_version; None otherwise (missing, or built from an older source)."""
+  try:
+    lib = ctypes.CDLL(str(path))
+    version = getattr(lib, abi_function)
+    version.restype = ctypes.c_int
+    if version() != abi_version:
+      return None
+  except (OSError, AttributeError):
+    return None
+  return lib
+
+
 def compile_library(source: pathlib.Path, target: pathlib.Path,
                     flags: Sequence[str] = ('-O2',),
                     libs: Sequence[str] = ()) -> str | None:

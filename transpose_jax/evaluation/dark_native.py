@@ -50,12 +50,8 @@ _f64p = np.ctypeslib.ndpointer(np.float64, flags='C_CONTIGUOUS')
 
 
 def _open(path: pathlib.Path) -> ctypes.CDLL | None:
-  try:
-    lib = ctypes.CDLL(str(path))
-    lib.dark_abi_version.restype = ctypes.c_int
-    if lib.dark_abi_version() != _ABI_VERSION:
-      return None
-  except (OSError, AttributeError):
+  lib = clib.open_library(path, 'dark_abi_version', _ABI_VERSION)
+  if lib is None:
     return None
   def pointer(dtype):
     return np.ctypeslib.ndpointer(dtype, flags='C_CONTIGUOUS')
