@@ -106,14 +106,10 @@ class MultiheadAttention(nnx.Module):
     split = lambda t: t.reshape(n, length, self.n_head, head_dim)
     qkv = split(q), split(k), split(v)
     keep_prob = 1.0 - self.dropout.rate
-    if need_qk:
+    if need_qk or (self.attention == 'blockwise' and not need_weights and keep_prob > 0.0):
       out = kernels_lib.select(self.kernels).blockwise_attention(
           *qkv, self.dropout.draw_key(), self.dropout.rate)
-      return self.out_proj(out.reshape(n, length, d)), qkv[:2]
-    if self.attention == 'blockwise' and not need_weights and keep_prob > 0.0:
-      out = kernels_lib.select(self.kernels).blockwise_attention(
-          *qkv, self.dropout.draw_key(), self.dropout.rate)
-      return self.out_proj(out.reshape(n, length, d)), None
+      return self.out_proj(out.reshape(n, length, d)), qkv[:2] if need_qk else None
     keep_mask = self.dropout.keep_mask((n, self.n_head, length, length))
     if need_weights or keep_prob == 0.0:
       out, weights = reference.attention_with_weights(*qkv, keep_mask, keep_prob)
