@@ -18,6 +18,7 @@ gradient difference to the reference relative to its largest gradient.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -32,9 +33,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from transpose_jax import models  # noqa: E402
 from transpose_jax.checkpoints import official  # noqa: E402
 from transpose_jax.kernels import blockwise, cpu, reference  # noqa: E402
-from transpose_jax.models import hrnet, layers, resnet  # noqa: E402
+from transpose_jax.models import layers  # noqa: E402
 
 VARIANTS = ('tp_r_a3', 'tp_r_a4', 'tp_h_s', 'tp_h_a4', 'tp_h_a6')
 
@@ -53,9 +55,9 @@ def best_time(fn, args, repeats: int) -> tuple[float, object]:
 def measure(variant: str, batch: int, repeats: int,
             image_size: tuple[int, int] | None = None) -> dict:
   model = official.variant_config(variant).model
-  stride = (resnet.ResNetS if model.name == 'transpose_r' else hrnet.HRNetS).stride
-  height, width = image_size or model.image_size
-  length = (height // stride) * (width // stride)
+  if image_size:
+    model.image_size = image_size
+  length = math.prod(models.feature_hw(model))
   heads, head_dim = model.n_head, model.d_model // model.n_head
   rng = np.random.default_rng(0)
   q, k, v, probe = (jnp.asarray(rng.standard_normal((batch, length, heads, head_dim)),

@@ -19,6 +19,7 @@ config's input size (heatmaps a quarter of it).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -31,16 +32,9 @@ xla_cpu.configure()  # an entry point: before JAX starts its CPU backend
 import jax  # noqa: E402
 
 from transpose_jax import config_schema  # noqa: E402
+from transpose_jax import models  # noqa: E402
 from transpose_jax import sharding  # noqa: E402
-from transpose_jax.models import hrnet, resnet  # noqa: E402
 from transpose_jax.training import trainer  # noqa: E402
-
-
-def tokens(model_config) -> int:
-  """The encoder's sequence length L at the config's input size."""
-  stride = (resnet.ResNetS if model_config.name == 'transpose_r' else hrnet.HRNetS).stride
-  h, w = model_config.image_size
-  return (h // stride) * (w // stride)
 
 
 def step_memory(config, attention: str) -> dict[str, int]:
@@ -51,7 +45,7 @@ def step_memory(config, attention: str) -> dict[str, int]:
   analysis = step.lower(*args).compile().memory_analysis()
   temp = int(analysis.temp_size_in_bytes)
   return dict(bytes_per_image=temp // config.batch_size, temp_bytes=temp,
-              tokens=tokens(config.model))
+              tokens=math.prod(models.feature_hw(config.model)))
 
 
 def main(argv=None) -> None:

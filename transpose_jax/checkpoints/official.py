@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import os
 from typing import Callable, Mapping
 
@@ -264,11 +265,7 @@ def _signature_of_state_dict(shapes: Mapping[str, tuple]) -> tuple:
 def _signature_of_config(model_config) -> tuple:
   m = model_config
   width = m.hrnet.stage2.num_channels[0] if m.name == 'transpose_h' else None
-  # Token count: ResNet-S features are at 1/8, HRNet-S's at 1/4 (a wrong
-  # guess only widens the search to every variant).
-  stride = 8 if m.name == 'transpose_r' else 4
-  tokens = (None if m.pos_embedding == 'none'
-            else (m.image_size[0] // stride) * (m.image_size[1] // stride))
+  tokens = None if m.pos_embedding == 'none' else math.prod(models.feature_hw(m))
   return (m.head == 'deconv', m.d_model, m.encoder_layers, width, tokens)
 
 

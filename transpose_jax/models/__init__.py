@@ -6,7 +6,7 @@ ops inside come from `transpose_jax.kernels` (`config.model.kernels`).
 
 from flax import nnx
 
-from transpose_jax.models.transpose import TransPose, normalize_images
+from transpose_jax.models.transpose import TransPose, feature_hw, normalize_images
 
 
 def build(model_config, *, seed: int = 0, abstract: bool = False) -> TransPose:
@@ -21,4 +21,4 @@ def build(model_config, *, seed: int = 0, abstract: bool = False) -> TransPose:
   return nnx.eval_shape(make) if abstract else make()
 
 
-__all__ = ['TransPose', 'build', 'normalize_images']
+__all__ = ['TransPose', 'build', 'feature_hw', 'normalize_images']

@@ -21,6 +21,13 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
+def feature_hw(model_config) -> tuple[int, int]:
+  """(h, w) of the encoder's token grid for `config.model`: the input size
+  over the backbone's stride (ResNet-S 8, HRNet-S 4); L = h * w."""
+  stride = (resnet.ResNetS if model_config.name == 'transpose_r' else hrnet.HRNetS).stride
+  return model_config.image_size[0] // stride, model_config.image_size[1] // stride
+
+
 def normalize_images(images):
   """uint8 RGB [..., 3] -> float32 (x / 255 - ImageNet mean) / std: the model's input.
 
@@ -50,8 +57,7 @@ class TransPose(nnx.Module):
                                      dtype=dtype, kernels=kernels, rngs=rngs)
     else:
       self.backbone = hrnet.HRNetS(c.hrnet, dtype=dtype, kernels=kernels, rngs=rngs)
-    stride = self.backbone.stride
-    self.feature_hw = (c.image_size[0] // stride, c.image_size[1] // stride)
+    self.feature_hw = feature_hw(c)
     d = c.d_model
     self.reduce = layers.conv(self.backbone.out_features, d, 1, padding=0, dtype=dtype,
                               kernels=kernels, rngs=rngs)
