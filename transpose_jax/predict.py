@@ -79,8 +79,11 @@ def main(argv) -> None:
   config = _CONFIG.value
   image_thre = (float(config.data.image_thre) if _IMAGE_THRE.value is None
                 else _IMAGE_THRE.value)
-  detector = detect.make_detector(_DETECTOR.value, boxes_file=_BOXES.value,
-                                  image_thre=image_thre, score_thr=_DET_SCORE.value)
+  # Images read --boxes by file name in predict_path (not as a detector): a
+  # detector from the file is made for videos only.
+  detector = detect.make_detector(
+      _DETECTOR.value, boxes_file=_BOXES.value, image_thre=image_thre,
+      score_thr=_DET_SCORE.value, load_boxes=_IMAGE.value is None)
   if _IMAGE.value is None:
     source = _VIDEO.value if _VIDEO.value is not None else _CAMERA.value
     if _VIDEO.value is not None:
@@ -101,7 +104,7 @@ def main(argv) -> None:
   results = predict.predict_path(
       model, config, _IMAGE.value, _OUTPUT.value, detection_file=_BOXES.value,
       image_thre=_IMAGE_THRE.value, kpt_threshold=_KPT_THRESHOLD.value,
-      detector=None if _BOXES.value else detector)  # files key --boxes by name
+      detector=detector)
   images = len({r['image_id'] for r in results})
   print(f'{len(results)} poses in {images} images -> '
         f'{os.path.join(_OUTPUT.value, "keypoints.json")} (image ids: '

@@ -336,14 +336,16 @@ class HogDetector:
 
 
 def make_detector(spec: str | None, *, boxes_file: str | None = None,
-                  image_thre: float = 0.0, score_thr: float = 0.5) -> Detector | None:
+                  image_thre: float = 0.0, score_thr: float = 0.5,
+                  load_boxes: bool = True) -> Detector | None:
   """The detector the CLI flags name: --boxes FILE, --detector FILE.onnx or
-  --detector hog; None for neither (every image is one person)."""
+  --detector hog; None for neither (every image is one person), or for
+  --boxes when not `load_boxes` (a caller that reads the file itself)."""
   if spec and boxes_file:
     raise ValueError(f'both --boxes={boxes_file} and --detector={spec}: pass one '
                      'source of person boxes')
   if boxes_file:
-    return CocoDetections(boxes_file, image_thre)
+    return CocoDetections(boxes_file, image_thre) if load_boxes else None
   if not spec:
     return None
   if spec.lower() == 'hog':
