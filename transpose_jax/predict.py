@@ -6,12 +6,12 @@ r"""Poses on photos, videos and a camera: top-down inference on person boxes.
   python -m transpose_jax.predict --checkpoint=tp_r_a3 --video=clip.mp4 \
       --detector=yolox_m.onnx [--det_every=10] --output=poses/
   python -m transpose_jax.predict --checkpoint=tp_r_a3 --camera=0 \
-      --detector=hog --output=poses/
+      --detector=yolox_m.onnx --output=poses/
 
 Person boxes: --boxes (a detection file), --detector=FILE.onnx (a YOLOX or
 RTMDet person detector as rtmlib / mmdeploy export them, run by
-onnxruntime) or --detector=hog (OpenCV's people detector: nothing to
-download, but weak). In a video or camera stream the detector runs every
+onnxruntime) or --detector=hog (OpenCV 4's people detector: nothing to
+download, but weak; OpenCV 5 has none). In a video or camera stream the detector runs every
 --det_every frames, boxes from the previous frame's poses in between; a
 detection file's image ids are then frame indices (0-based). Writes
 OUTPUT/<name>_pose.mp4 and OUTPUT/<name>.json (COCO results entries with
