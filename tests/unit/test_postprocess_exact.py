@@ -2,7 +2,8 @@
 
 `decode` blurs many maps per cv2 call and only around each maximum (with a
 bound for the rest), solves every crop's inverse affine in one cv2.solve;
-`nms` takes the OKS of an image from one matrix; `coco_metrics` rescores all
+`nms` takes the OKS of an image from one matrix, and of all images with
+equally many poses in one pass; `coco_metrics` rescores all
 persons at once. The references here are the straightforward versions the
 official code runs (one cv2.GaussianBlur per zero-padded map, one
 getAffineTransform per crop, one oks_iou per kept pose, rescoring per image),
@@ -354,3 +355,69 @@ def test_rescore_and_nms_is_the_per_image_code(soft):
       coco_metrics.rescore_and_nms(mixed, soft_nms=soft)) == (
           coco_metrics.coco_results(
               _rescore_and_nms_per_image(mixed, 0.2, 0.9, soft)))
+
+
+def _images_of(rng, sizes, dtype=np.float32):
+  """Poses of several images (interleaved rows), each image's rows."""
+  keypoints, scores, areas = _poses(rng, int(sum(sizes)), dtype)
+  labels = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
+  return keypoints, scores, areas, [np.nonzero(labels == g)[0]
+                                    for g in range(len(sizes))]
+
+
+@pytest.mark.parametrize('seed', range(4))
+@pytest.mark.parametrize('thresh', [0.9, 0.5, 0.2, 0.0])
+def test_oks_nms_images_is_oks_nms_per_image(seed, thresh):
+  rng = np.random.default_rng(seed)
+  sizes = [0, 1, 1, 2, 3, 20, 20, 20, 7, 40, 2]
+  keypoints, scores, areas, images = _images_of(rng, sizes)
+  # One image of all-equal scores, one of distinct ones, one of exact
+  # duplicates (all suppressed at any threshold but the first).
+  scores[images[5]] = 0.25
+  scores[images[6]] = np.linspace(0.1, 0.9, 20)
+  keypoints[images[7]] = keypoints[images[7][0]]
+  got = nms.oks_nms_images(keypoints, scores, areas, images, thresh)
+  want = [nms.oks_nms(keypoints[r], scores[r], areas[r], thresh)
+          for r in images]
+  assert got == want
+  assert want[7] == [int(np.argmax(scores[images[7]]))] or thresh >= 1
+  sigmas = rng.uniform(0.02, 0.2, 17)
+  assert nms.oks_nms_images(keypoints, scores, areas, images, thresh,
+                            sigmas=sigmas) == [
+      nms.oks_nms(keypoints[r], scores[r], areas[r], thresh, sigmas=sigmas)
+      for r in images]
+
+
+@pytest.mark.filterwarnings('ignore::RuntimeWarning')
+def test_oks_nms_images_odd_values():
+  """NaN / infinite scores, coordinates and areas, -0.0 next to 0.0,
+  float64 poses, a zero sigma: the per-image result, whichever path."""
+  rng = np.random.default_rng(11)
+  for dtype in (np.float32, np.float64):
+    keypoints, scores, areas, images = _images_of(rng, [6] * 12, dtype)
+    scores[images[0][2]] = np.nan
+    scores[images[1][[1, 4]]] = [0.0, -0.0]
+    scores[images[2][0]] = np.inf
+    keypoints[images[3][1], 3, 0] = np.nan
+    keypoints[images[4][2], 5, 1] = np.inf
+    keypoints[images[5][:2]] = keypoints[images[5][2]]
+    areas[images[6][3]] = np.nan
+    areas[images[7][1]] = 0.0
+    areas[images[8][2]] = np.inf
+    areas[images[9][0]] = -50.0
+    for sigmas in (None, np.r_[0.0, rng.uniform(0.02, 0.2, 16)]):
+      got = nms.oks_nms_images(keypoints, scores, areas, images, 0.9,
+                               sigmas=sigmas)
+      assert got == [nms.oks_nms(keypoints[r], scores[r], areas[r], 0.9,
+                                 sigmas=sigmas) for r in images]
+
+
+def test_oks_nms_images_in_chunks(monkeypatch):
+  """Groups larger than one numpy pass give the same keep lists."""
+  rng = np.random.default_rng(12)
+  keypoints, scores, areas, images = _images_of(rng, [9] * 30 + [33] * 3)
+  want = nms.oks_nms_images(keypoints, scores, areas, images, 0.5)
+  monkeypatch.setattr(nms, '_PAIR_CHUNK', 1)
+  assert nms.oks_nms_images(keypoints, scores, areas, images, 0.5) == want
+  assert want == [nms.oks_nms(keypoints[r], scores[r], areas[r], 0.5)
+                  for r in images]

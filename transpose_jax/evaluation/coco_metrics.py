@@ -71,9 +71,13 @@ def person_predictions(preds: np.ndarray, maxvals: np.ndarray,
   boxes[:, 4] = np.prod(scale32 * 200, 1)
   boxes[:, 5] = np.asarray(score, np.float64).reshape(n)
   image_id = np.asarray(image_id).reshape(n)
-  return [dict(keypoints=keypoints[i], center=boxes[i, 0:2],
-               scale=boxes[i, 2:4], area=boxes[i, 4], score=boxes[i, 5],
-               image_id=int(image_id[i])) for i in range(n)]
+  image_id = (image_id.tolist() if image_id.dtype.kind in 'iu'
+              else [int(i) for i in image_id])
+  # Iterating the arrays: the same views and numpy scalars as indexing them
+  # person by person, at a third of the cost.
+  return [dict(keypoints=k, center=c, scale=s, area=a, score=b, image_id=i)
+          for k, c, s, a, b, i in zip(keypoints, boxes[:, 0:2], boxes[:, 2:4],
+                                      boxes[:, 4], boxes[:, 5], image_id)]
 
 
 def rescore(keypoints: np.ndarray, box_scores: np.ndarray,
@@ -122,29 +126,32 @@ def rescore_and_nms(predictions: Sequence[Mapping[str, Any]], *,
   if not predictions:
     return []
   # Rescoring is per person: all at once, then split by image. NMS gets the
-  # keypoints in their own dtype (it sets the OKS rounding), as stacked per
-  # image: one stack serves when all persons share it (evaluate's float32).
+  # keypoints in their own dtype (it sets the OKS rounding): all images in
+  # one `oks_nms_images` when all persons share it (evaluate's float32),
+  # stacked per image otherwise.
   poses = [np.asarray(p['keypoints']) for p in predictions]
-  keypoints = np.stack(poses)
   mixed = len({pose.dtype for pose in poses}) > 1
+  keypoints = np.array(poses)  # as np.stack, in a third of the time
   scores = rescore(keypoints,
                    np.array([p['score'] for p in predictions], np.float64),
                    in_vis_thre)
   areas = np.array([p['area'] for p in predictions], np.float64)
   by_image: dict[int, list[int]] = {}
-  for i, p in enumerate(predictions):
-    by_image.setdefault(int(p['image_id']), []).append(i)
-  suppress = nms.soft_oks_nms if soft_nms else nms.oks_nms
-  kept = []
-  for persons in by_image.values():
-    rows = np.asarray(persons)
-    image_keypoints = (np.stack([poses[i] for i in persons]) if mixed
-                       else keypoints[rows])
-    keep = suppress(image_keypoints, scores[rows], areas[rows], oks_thre,
-                    sigmas=sigmas)
-    kept.append([dict(predictions[persons[i]], score=scores[persons[i]])
-                 for i in (keep if keep else range(len(persons)))])
-  return kept
+  for i, image in enumerate([int(p['image_id']) for p in predictions]):
+    by_image.setdefault(image, []).append(i)
+  images = [np.asarray(persons) for persons in by_image.values()]
+  if soft_nms or mixed:
+    suppress = nms.soft_oks_nms if soft_nms else nms.oks_nms
+    keeps = [suppress(np.stack([poses[i] for i in rows]) if mixed
+                      else keypoints[rows], scores[rows], areas[rows],
+                      oks_thre, sigmas=sigmas) for rows in images]
+  else:
+    keeps = nms.oks_nms_images(keypoints, scores, areas, images, oks_thre,
+                               sigmas=sigmas)
+  rescored = list(scores)  # numpy scalars, as scores[i]
+  return [[dict(predictions[i], score=rescored[i])
+           for i in (rows[keep] if keep else rows).tolist()]
+          for rows, keep in zip(images, keeps)]
 
 
 def coco_results(kept: Sequence[Sequence[Mapping[str, Any]]],
