@@ -421,3 +421,23 @@ def test_oks_nms_images_in_chunks(monkeypatch):
   assert nms.oks_nms_images(keypoints, scores, areas, images, 0.5) == want
   assert want == [nms.oks_nms(keypoints[r], scores[r], areas[r], 0.5)
                   for r in images]
+
+
+def test_oks_bound_screens_only_pairs_below_the_threshold():
+  """Pairs `_oks_may_exceed` rules out have an official OKS <= thresh, and
+  it rules out most pairs of different persons."""
+  rng = np.random.default_rng(13)
+  keypoints, _, areas = _poses(rng, 300)
+  near = keypoints[150:] + rng.normal(0, 3, (150, 17, 3)).astype(np.float32)
+  keypoints = np.concatenate([keypoints[:150], near])
+  x, y = keypoints[:, :, 0], keypoints[:, :, 1]
+  i, j = np.triu_indices(300, 1)
+  pair_areas = np.concatenate([areas, areas])[:, None]
+  args = (x[j] - x[i], y[j] - y[i], pair_areas[i], pair_areas[j],
+          (np.asarray(nms.keypoints.COCO.sigmas) * 2) ** 2)
+  oks = nms._oks_from_differences(*args)
+  for thresh in (0.9, 0.5, 0.2, 0.05):
+    maybe = nms._oks_may_exceed(*args, thresh)
+    assert (oks[~maybe] <= thresh).all()
+    if thresh >= 0.5:
+      assert (~maybe).mean() > 0.5
