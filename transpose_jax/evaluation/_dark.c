@@ -5,9 +5,10 @@
  * (2 region + 1)^2 pixels around it, and the bound of `decode._dark` that
  * proves the blurred maximum lies there; a second region around the largest
  * value outside the first core box when the bound does not settle it, the
- * whole map blurred when that does not either. The log and the Newton step
- * stay in numpy (decode.py), which gets the 5x5 unscaled blurred values
- * around each maximum and the blurred maximum.
+ * whole map blurred when that does not either; then the 5x5 blurred values
+ * around the maximum rescaled to the map maximum and clamped at 1e-10 (the
+ * float32 operations of decode._refine), for numpy's log (decode.py) and
+ * the Newton step after it (dark_newton).
  *
  * The blur is cv2.GaussianBlur of the zero-padded map in a float64 canvas as
  * OpenCV 5 runs it for CV_64F (a separable filter, RowFilter then
@@ -38,13 +39,13 @@
 
 /* status of a map */
 enum {
-  REFINED = 0,       /* blur_max and stencil valid (first or second region) */
+  REFINED = 0,       /* Newton step pending (first or second region) */
   BORDER = 1,        /* maximum > 0 within 2 px of the border: no Newton step */
   PYTHON = 2,        /* not handled here (maximum <= 0, NaN / inf, too small) */
   REFINED_WHOLE = 3  /* as REFINED, the map was blurred whole */
 };
 
-int dark_abi_version(void) { return 4; }
+int dark_abi_version(void) { return 5; }
 
 static inline __attribute__((always_inline)) double row_step(
     double s, double k, double x, int fused) {
@@ -499,17 +500,34 @@ static inline double beyond_bound(double rest, const double *peaks, int n,
   return bound * (1 + 1e-9);
 }
 
+/* Column `col` of the [25, stride] stencils for the log: the map's 5x5
+ * blurred values times maxval / blur_max, at least 1e-10 (NaN kept), in
+ * float32 as decode._refine computes `np.maximum(stencil * ratio, 1e-10)`
+ * (the Python float 1e-10 rounded to float32, as numpy does). */
+static inline void scaled_column(const float *stencil, float maxval,
+                                 float blur_max, float *scaled, long stride,
+                                 long col) {
+  const float ratio = maxval / blur_max;
+  const float floor = (float)1e-10;
+  for (int r = 0; r < 25; r++) {
+    float v = stencil[r] * ratio;
+    scaled[r * stride + col] = (v > floor || v != v) ? v : floor;
+  }
+}
+
 /* Everything `decode._dark` needs from the blur, for m maps [m, h, w].
- * Outputs per map: status (see the enum), idx (flat index of the first
- * maximum), maxval, blur_max and stencil[25] (for REFINED*). work holds
- * (h + ksize - 1) * (w + ksize - 1) + 2 (h + ksize - 1) w doubles.
- * Returns the number of maps blurred whole. */
+ * Outputs per map: status (see the enum), coords[2] (x, y of the first
+ * maximum, float32; 0 for PYTHON) and maxval; for the refined maps, in map
+ * order, their index (refined) and their stencil for the log (scaled, a
+ * [25, m] array: column j for refined[j]); count: how many. Returns the
+ * number of maps blurred whole. */
 static inline __attribute__((always_inline)) long dark_maps_impl(
     const float *maps, long m, int h, int w, const double *k,
     int ksize, int region, int core, double total, double weight,
-    int variant, double *work, int8_t *status, int64_t *idx, float *maxval,
-    float *blur_max, float *stencil, int vector) {
-  long whole = 0;
+    int variant, double *work, int8_t *status, float *coords, float *maxval,
+    int64_t *refined, float *scaled, int64_t *count, int vector) {
+  long whole = 0, done = 0;
+  float stencil[25];
   float rowmax[4096];
   int radius = (ksize - 1) / 2;
   int usable = ksize % 2 == 1 && radius <= MAX_RADIUS && region >= 2 &&
@@ -518,6 +536,7 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
   for (long i = 0; i < m; i++) {
     const float *map = maps + i * (long)h * w;
     status[i] = PYTHON;
+    coords[2 * i] = coords[2 * i + 1] = 0.0f;
     if (!usable) continue;
     if ((vector ? scan_rows_avx2 : scan_rows)(map, h, w, rowmax, i + 1 < m))
       continue;  /* NaN / inf */
@@ -531,7 +550,8 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
     if (!(peak > 0)) continue;  /* np.max's sign of a zero: Python */
     int cx = 0;
     while (map[(long)cy * w + cx] != peak) cx++;
-    idx[i] = (long)cy * w + cx;
+    coords[2 * i] = (float)cx;
+    coords[2 * i + 1] = (float)cy;
     maxval[i] = peak;
     if (cx <= 1 || cx >= w - 2 || cy <= 1 || cy >= h - 2) {
       status[i] = BORDER;
@@ -541,7 +561,7 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
     float best, raw;
 #if defined(__x86_64__) || defined(__i386__)
     if (vector && ksize == 11 && region == 5 && w % 8 == 0) {
-      best = region_blur_11_5(map, h, w, cy, cx, k, variant, stencil + 25 * i);
+      best = region_blur_11_5(map, h, w, cy, cx, k, variant, stencil);
       raw = core_rows_rest(map, h, w, cy, cx, core);
       for (int y = 0; y < h; y++)
         if (abs(y - cy) > core && rowmax[y] > raw) raw = rowmax[y];
@@ -549,7 +569,7 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
 #endif
     {
       best = region_blur(map, h, w, cy, cx, region, k, ksize, variant,
-                         stencil + 25 * i);
+                         stencil);
       raw = outside_max(map, h, w, rowmax, ys, xs, 1, core, NULL);
     }
     double rest = raw > 0 ? (double)raw : 0.0;
@@ -557,7 +577,8 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
     double bound = beyond_bound(rest, peaks, 1, total, weight);
     if (bound < (double)nextafterf(best, -INFINITY)) {
       status[i] = REFINED;
-      blur_max[i] = best;
+      refined[done] = i;
+      scaled_column(stencil, peak, best, scaled, m, done++);
       continue;
     }
     long second;
@@ -579,19 +600,23 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
       bound = beyond_bound(rest, peaks, 2, total, weight);
       if (bound < (double)nextafterf(best, -INFINITY)) {
         status[i] = REFINED;
-        blur_max[i] = best;
+        refined[done] = i;
+        scaled_column(stencil, peak, best, scaled, m, done++);
         continue;
       }
     }
 #if defined(__x86_64__) || defined(__i386__)
     if (vector && ksize == 11 && w % 4 == 0)
-      blur_max[i] = whole_blur_11(map, h, w, k, variant, work);
+      best = whole_blur_11(map, h, w, k, variant, work);
     else
 #endif
-      blur_max[i] = whole_blur(map, h, w, k, ksize, variant, work);
+      best = whole_blur(map, h, w, k, ksize, variant, work);
     status[i] = REFINED_WHOLE;
+    refined[done] = i;
+    scaled_column(stencil, peak, best, scaled, m, done++);
     whole++;
   }
+  *count = done;
   return whole;
 }
 
@@ -605,11 +630,11 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
 #define DARK_MAPS_ARGS                                                        \
   const float *maps, long m, int h, int w, const double *k, int ksize,        \
       int region, int core, double total, double weight, int variant,         \
-      double *work, int8_t *status, int64_t *idx, float *maxval,              \
-      float *blur_max, float *stencil
+      double *work, int8_t *status, float *coords, float *maxval,             \
+      int64_t *refined, float *scaled, int64_t *count
 #define DARK_MAPS_CALL                                                        \
   maps, m, h, w, k, ksize, region, core, total, weight, variant, work,        \
-      status, idx, maxval, blur_max, stencil
+      status, coords, maxval, refined, scaled, count
 
 #if defined(__x86_64__) || defined(__i386__)
 __attribute__((target("avx2,fma"))) static void blur_fma(DARK_BLUR_ARGS) {
@@ -618,7 +643,8 @@ __attribute__((target("avx2,fma"))) static void blur_fma(DARK_BLUR_ARGS) {
 __attribute__((target("avx2,fma"))) static long maps_fma(DARK_MAPS_ARGS) {
   if (ksize == 11 && region == 5 && variant == 1)  /* constant sizes */
     return dark_maps_impl(maps, m, h, w, k, 11, 5, core, total, weight, 1,
-                          work, status, idx, maxval, blur_max, stencil, 1);
+                          work, status, coords, maxval, refined, scaled,
+                          count, 1);
   return dark_maps_impl(DARK_MAPS_CALL, 1);
 }
 static int plain_only = 0;  /* dark_set_plain: tests of the plain build */
@@ -656,17 +682,18 @@ long dark_maps(DARK_MAPS_ARGS) {
 }
 
 /* The Newton step of decode._newton_offsets from the log-stencils [25, s]
- * (row (2 + dy) * 5 + 2 + dx: pixel (dy, dx) of every map): the float32
+ * (row (2 + dy) * 5 + 2 + dx: pixel (dy, dx) of every map; rows `stride`
+ * floats apart, so that dark_maps' `scaled` serves in place): the float32
  * derivatives in numpy's order, the float64 inverse of
  * decode._lu_inverse_2x2 cast to float32, and the offset -(inverse @
  * gradient) in float32 as numpy's matmul rounds it (0 + two products);
  * usable: det != 0 and both pivots non-zero. Returns 0, or 1 when a Hessian
  * is not finite (then decode uses numpy for all). */
-int dark_newton(const float *log_stencil, long s, float *offset,
+int dark_newton(const float *log_stencil, long s, long stride, float *offset,
                 int8_t *usable) {
   int special = 0;
   for (long i = 0; i < s; i++) {
-#define AT(dy, dx) log_stencil[(long)((2 + (dy)) * 5 + 2 + (dx)) * s + i]
+#define AT(dy, dx) log_stencil[(long)((2 + (dy)) * 5 + 2 + (dx)) * stride + i]
     float dx = 0.5f * (AT(0, 1) - AT(0, -1));
     float dy = 0.5f * (AT(1, 0) - AT(-1, 0));
     float dxx = 0.25f * (AT(0, 2) - 2.0f * AT(0, 0) + AT(0, -2));

@@ -322,15 +322,11 @@ def _native_dark(maps: np.ndarray, kernel: int):
                                  *_kernel_sums(kernel, _CORE, _REGION))
   if native is None:
     return None
-  status, idx, maxvals, blur_max, stencil, whole = native
-  w = maps.shape[2]
-  coords = np.stack([idx % w, idx // w], axis=-1).astype(np.float32)
+  status, coords, maxvals, refined, scaled, whole = native
   rest = np.nonzero(status == dark_native.PYTHON)[0]
   if rest.size:
     coords[rest], maxvals[rest] = _dark_python(maps[rest], kernel)
-  sel = np.nonzero((status == dark_native.REFINED)
-                   | (status == dark_native.REFINED_WHOLE))[0]
-  _refine(coords, sel, maxvals[sel], blur_max[sel], stencil[sel], native=True)
+  _newton_step(coords, refined, np.log(scaled, out=scaled), native=True)
   return coords, maxvals, whole
 
 
@@ -369,18 +365,24 @@ def _native_agrees(kernel: int) -> bool:
 
 
 def _refine(coords: np.ndarray, sel: np.ndarray, maxvals: np.ndarray,
-            blur_max: np.ndarray, stencil: np.ndarray,
-            native: bool = False) -> None:
+            blur_max: np.ndarray, stencil: np.ndarray) -> None:
   """The rescaling, log and Newton step of DARK for the maps `sel`, from
-  their [s, 5, 5] unscaled blurred values around the maximum (in place);
-  native: the Newton step after the log in C (`dark_native.newton`, the
-  same float32 / float64 operations as `_newton_offsets`)."""
+  their [s, 5, 5] unscaled blurred values around the maximum (in place).
+  The C path (`dark_native.dark_maps`) rescales in C, the same float32
+  operations."""
   with np.errstate(divide='ignore', invalid='ignore'):
     ratio = maxvals / blur_max
   # [25, s]: each pixel of the stencil one contiguous row (elementwise
   # operations, the same values in any layout; faster on contiguous rows).
   stencil = np.ascontiguousarray(stencil.reshape(-1, 25).T) * ratio
-  log_stencil = np.log(np.maximum(stencil, 1e-10))
+  _newton_step(coords, sel, np.log(np.maximum(stencil, 1e-10)))
+
+
+def _newton_step(coords: np.ndarray, sel: np.ndarray,
+                 log_stencil: np.ndarray, native: bool = False) -> None:
+  """Adds the Newton offsets of the maps `sel` from their [25, s]
+  log-stencils to coords (in place); native: in C (`dark_native.newton`,
+  the same float32 / float64 operations as `_newton_offsets`)."""
   newton = (dark_native.newton(log_stencil)
             if native and _lu_inverse_is_numpys() else None)
   if newton is not None:  # _newton_offsets in C
