@@ -232,13 +232,29 @@ static float outside_max(const float *map, int h, int w, const float *rowmax,
   return best;
 }
 
+/* The next map's cache lines still to prefetch. Its bytes arrive while this
+ * map is computed on only when the prefetches are spread over that work (a
+ * few lines per loop iteration: one per row of the scan, four per row of
+ * the region's blur, 192 lines for a 64 x 48 map): issued in one burst they
+ * queue behind each other and the work waits as for plain loads (measured
+ * here: 2.0 us per map in a burst, 1.65 us spread, 1.1 us from the cache). */
+struct ahead {
+  const char *at, *end;
+};
+
+static inline __attribute__((always_inline)) void pump(struct ahead *next,
+                                                       int lines) {
+  for (int i = 0; i < lines && next->at < next->end; i++, next->at += 64)
+    __builtin_prefetch(next->at, 0, 3);
+}
+
 /* Each row's maximum into rowmax; whether the map holds a NaN or an
  * infinity (then the maxima are meaningless). Eight lanes written out so
  * that the compiler vectorizes it (the order of a maximum of finite values
  * does not matter). */
 static int scan_rows(const float *map, int h, int w, float *rowmax,
-                     int prefetch) {
-  (void)prefetch;
+                     struct ahead *next) {
+  (void)next;
   uint32_t special[8] = {0};
   for (int y = 0; y < h; y++) {
     const float *row = map + (long)y * w;
@@ -274,8 +290,7 @@ static int scan_rows(const float *map, int h, int w, float *rowmax,
 /* scan_rows with AVX2 (GCC does not vectorize the float maximum itself);
  * _mm256_max_ps is the maximum for values that are not NaN. */
 __attribute__((target("avx2,fma"))) static int scan_rows_avx2(
-    const float *map, int h, int w, float *rowmax, int prefetch) {
-  const long ahead = (long)h * w;
+    const float *map, int h, int w, float *rowmax, struct ahead *next) {
   const __m256i exponent = _mm256_set1_epi32(0x7f800000);
   __m256i special = _mm256_setzero_si256();
   uint32_t tail_special = 0;
@@ -283,9 +298,8 @@ __attribute__((target("avx2,fma"))) static int scan_rows_avx2(
     const float *row = map + (long)y * w;
     __m256 best = _mm256_set1_ps(row[0]);
     int x = 0;
+    pump(next, 1);
     for (; x + 8 <= w; x += 8) {
-      if (prefetch && (x & 15) == 0)  /* the next map, a line at a time */
-        _mm_prefetch((const char *)(row + x + ahead), _MM_HINT_T0);
       __m256 v = _mm256_loadu_ps(row + x);
       special = _mm256_or_si256(special, _mm256_cmpeq_epi32(
           _mm256_and_si256(_mm256_castps_si256(v), exponent), exponent));
@@ -317,7 +331,7 @@ __attribute__((target("avx2,fma"))) static int scan_rows_avx2(
  * pixel (fma: _mm256_fmadd_pd, one rounding as fma()); stencil may be NULL. */
 __attribute__((target("avx2,fma"))) static float region_blur_11_5(
     const float *map, int h, int w, int cy, int cx, const double *k,
-    int variant, float *stencil) {
+    int variant, float *stencil, struct ahead *next) {
   __m256d t[21][3];
   __m256d kv[11];
   for (int j = 0; j < 11; j++) kv[j] = _mm256_set1_pd(k[j]);
@@ -346,6 +360,7 @@ __attribute__((target("avx2,fma"))) static float region_blur_11_5(
   for (int i = 0; i < 21; i++) {
     int y = cy - 10 + i;
     const double *row = rows[i];
+    pump(next, 4);
     if (y < 0 || y >= h) {
       for (int v = 0; v < 3; v++) t[i][v] = _mm256_setzero_pd();
       continue;
@@ -365,7 +380,8 @@ __attribute__((target("avx2,fma"))) static float region_blur_11_5(
   const __m256d zero = _mm256_setzero_pd();
   double out[11][12];
   __m128 best = _mm_set1_ps(-INFINITY);
-  for (int y = 0; y < 11; y++)
+  for (int y = 0; y < 11; y++) {
+    pump(next, 4);
     for (int v = 0; v < 3; v++) {
       __m256d acc = _mm256_add_pd(_mm256_mul_pd(kv[5], t[y + 5][v]), zero);
       for (int j = 1; j <= 5; j++) {
@@ -379,6 +395,7 @@ __attribute__((target("avx2,fma"))) static float region_blur_11_5(
         f = _mm_blend_ps(f, _mm_set1_ps(-INFINITY), 8);
       best = _mm_max_ps(f, best);
     }
+  }
   float m;
   if (cy >= 5 && cy + 5 < h && cx >= 5 && cx + 5 < w) {
     best = _mm_max_ps(best, _mm_movehl_ps(best, best));
@@ -528,6 +545,7 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
     int64_t *refined, float *scaled, int64_t *count, int vector) {
   long whole = 0, done = 0;
   float stencil[25];
+  struct ahead next = {(const char *)maps, (const char *)maps};
   float rowmax[4096];
   int radius = (ksize - 1) / 2;
   int usable = ksize % 2 == 1 && radius <= MAX_RADIUS && region >= 2 &&
@@ -538,7 +556,12 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
     status[i] = PYTHON;
     coords[2 * i] = coords[2 * i + 1] = 0.0f;
     if (!usable) continue;
-    if ((vector ? scan_rows_avx2 : scan_rows)(map, h, w, rowmax, i + 1 < m))
+    /* The next map's lines; those this map's work leaves (maps that stop
+     * early) its own scan loads. */
+    const char *following = (const char *)(map + (long)h * w);
+    if (next.at < following) next.at = following;
+    next.end = i + 1 < m ? following + sizeof(float) * h * w : following;
+    if ((vector ? scan_rows_avx2 : scan_rows)(map, h, w, rowmax, &next))
       continue;  /* NaN / inf */
     float peak = rowmax[0];
     int cy = 0;
@@ -561,7 +584,7 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
     float best, raw;
 #if defined(__x86_64__) || defined(__i386__)
     if (vector && ksize == 11 && region == 5 && w % 8 == 0) {
-      best = region_blur_11_5(map, h, w, cy, cx, k, variant, stencil);
+      best = region_blur_11_5(map, h, w, cy, cx, k, variant, stencil, &next);
       raw = core_rows_rest(map, h, w, cy, cx, core);
       for (int y = 0; y < h; y++)
         if (abs(y - cy) > core && rowmax[y] > raw) raw = rowmax[y];
@@ -589,7 +612,8 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
       float best2;
 #if defined(__x86_64__) || defined(__i386__)
       if (vector && ksize == 11 && region == 5)
-        best2 = region_blur_11_5(map, h, w, ys[1], xs[1], k, variant, NULL);
+        best2 = region_blur_11_5(map, h, w, ys[1], xs[1], k, variant, NULL,
+                                 &next);
       else
 #endif
         best2 = region_blur(map, h, w, ys[1], xs[1], region, k, ksize,
