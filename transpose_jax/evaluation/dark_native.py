@@ -223,7 +223,8 @@ def dark_maps(maps: np.ndarray, kernel: int, region: int, core: int,
   m, h, w = maps.shape
   span = kernel - 1
   out, at = _buffers(
-      'dark_maps', work=(np.float64, ((h + span) * (w + span) + 2 * (h + span) * w,)),
+      'dark_maps',
+      work=(np.float64, ((h + span) * (w + span) + 2 * (h + span) * w,)),
       status=(np.int8, (m,)), coords=(np.float32, (m, 2)),
       maxval=(np.float32, (m,)), refined=(np.int64, (m,)),
       scaled=(np.float32, (25, m)), count=(np.int64, (1,)))
