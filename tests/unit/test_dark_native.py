@@ -177,3 +177,35 @@ def test_plain_build_is_the_python_path(variant):
     _assert_same(eval_host.make_batch(24, 20, seed=4)[0].reshape(-1, 64, 48))
   finally:
     lib.dark_set_plain(0)
+
+
+def test_newton_reads_rows_with_a_stride(variant):
+  """dark_maps' stencils are the first s columns of [25, M] rows: newton on
+  such a view equals newton on its contiguous copy."""
+  del variant
+  rng = np.random.default_rng(6)
+  rows = rng.normal(-2, 1, (25, 300)).astype(np.float32)
+  view = rows[:, :170]
+  got = dark_native.newton(view)
+  got = [a.copy() for a in got]
+  want = dark_native.newton(np.ascontiguousarray(view))
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g, w)
+  with pytest.raises(ValueError):
+    dark_native.newton(rows[:, ::2])
+
+
+def test_dark_maps_results_outlive_the_next_call(variant):
+  """dark_maps reuses its buffers per thread; what it returns besides the
+  stencils (status, coordinates, maxima) stays as it was."""
+  del variant
+  total, weight = decode._kernel_sums(11, decode._CORE, decode._REGION)  # pylint: disable=protected-access
+  first = eval_host.make_batch(8, 2, seed=7)[0].reshape(-1, 64, 48)
+  second = eval_host.make_batch(8, 2, seed=8)[0].reshape(-1, 64, 48)
+  got = dark_native.dark_maps(first, 11, 5, 3, total, weight)
+  kept = [a.copy() for a in got[:3]]
+  dark_native.dark_maps(second, 11, 5, 3, total, weight)
+  for a, b in zip(got[:3], kept):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError):
+    dark_native.dark_maps(first.astype(np.float64), 11, 5, 3, total, weight)
