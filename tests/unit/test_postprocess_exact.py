@@ -441,3 +441,15 @@ def test_oks_bound_screens_only_pairs_below_the_threshold():
     assert (oks[~maybe] <= thresh).all()
     if thresh >= 0.5:
       assert (~maybe).mean() > 0.5
+
+
+@pytest.mark.filterwarnings('ignore::RuntimeWarning')
+@pytest.mark.parametrize('dtype', [np.float16, np.int64])
+def test_oks_nms_images_other_dtypes(dtype):
+  """Poses in dtypes the bound is not made for: per-image results all the
+  same (the exact OKS for every pair)."""
+  rng = np.random.default_rng(14)
+  keypoints, scores, areas, images = _images_of(rng, [5] * 6 + [1, 9])
+  keypoints = keypoints.astype(dtype)
+  assert nms.oks_nms_images(keypoints, scores, areas, images, 0.5) == [
+      nms.oks_nms(keypoints[r], scores[r], areas[r], 0.5) for r in images]

@@ -188,9 +188,10 @@ def oks_nms_images(keypoints: np.ndarray, scores: np.ndarray,
   for g, rows in enumerate(images):
     by_size.setdefault(len(rows), []).append(g)
   variances = (_sigmas(sigmas, keypoints.shape[1] // 3) * 2) ** 2
-  # The ranges `_oks_may_exceed` needs (COCO's variances are ~3e-3 - 5e-2,
-  # the areas of persons < 1e8).
-  screen = bool(((variances >= 1e-6) & (variances <= 1e6)).all()
+  # The dtypes and ranges `_oks_may_exceed` needs (COCO's variances are
+  # ~3e-3 - 5e-2, the areas of persons < 1e8).
+  screen = bool(keypoints.dtype in (np.float32, np.float64)
+                and ((variances >= 1e-6) & (variances <= 1e6)).all()
                 and ((areas >= 0) & (areas <= 1e12)).all())
   for n, group in by_size.items():
     if n <= 1:
@@ -256,22 +257,24 @@ def _oks_may_exceed(dx, dy, areas_i, areas_j, variances,
   """[...] False for the pose pairs (the arguments of `_oks_from_differences`)
   whose OKS is proven <= thresh without computing it; True for the others.
 
-  For e >= 0, exp(-e) <= 1 / (1 + e) (exp(e) >= 1 + e), so the mean of
-  1 / (1 + e) over the joints bounds the OKS from above, at the cost of a
-  division instead of an exp (most pairs of an image are different persons,
-  far below any threshold). e here is computed in the poses' dtype with a
-  relative error below 1e-6 (the variances in [1e-6, 1e6] and the areas
-  in [0, 1e12], which the caller checks, keep every factor a normal float32
-  and make a float32 overflow mean an e far beyond any exp), the official
-  float64 e, exp and sum differ from the exact values by a few float64 ulp,
-  so a bound below thresh (1 - 1e-5) proves the official OKS below thresh.
+  For e >= 0, exp(-e) <= 1 / (1 + e) (exp(e) >= 1 + e), which decreases
+  with e, so the mean of 1 / (1 + e') over the joints, e' <= e, bounds the
+  OKS from above, at the cost of a division instead of an exp (most pairs
+  of an image are different persons, far below any threshold). e' takes the
+  largest variance for every joint (one factor per pair) and is computed in
+  the poses' dtype with a relative error below 1e-6 (the variances in
+  [1e-6, 1e6] and the areas in [0, 1e12], which the caller checks, keep the
+  factor a normal float32 and make a float32 overflow mean an e far beyond
+  any exp); the official float64 e, exp and sum differ from the exact values
+  by a few float64 ulp, so a bound below thresh (1 - 1e-5) proves the
+  official OKS below thresh.
   NaN anywhere leaves the pair to the exact computation.
   """
   dtype = dx.dtype
-  scale = (1 / ((areas_i + areas_j) / 2 + np.spacing(1))).astype(dtype)
+  scale = 1 / ((areas_i + areas_j) / 2 + np.spacing(1))
   bound = dx * dx
   bound += dy * dy
-  bound *= (0.5 / variances).astype(dtype) * scale
+  bound *= (0.5 / variances.max() * scale).astype(dtype)
   bound += 1
   np.reciprocal(bound, out=bound)
   limit = thresh * bound.shape[-1] * (1 - 1e-5)
