@@ -235,9 +235,10 @@ def oks_nms_images(keypoints: np.ndarray, scores: np.ndarray,
       if screen:
         near = np.nonzero(_oks_may_exceed(dx, dy, areas_i, areas_j,
                                           variances, thresh))
-        suppresses[part][near] = ~(_oks_from_differences(
-            dx[near], dy[near], areas_i[near], areas_j[near], variances)
-                                   <= thresh)
+        if near[0].size:
+          suppresses[part][near] = ~(_oks_from_differences(
+              dx[near], dy[near], areas_i[near], areas_j[near], variances)
+                                     <= thresh)
       else:
         suppresses[part] = ~(_oks_from_differences(
             dx, dy, areas_i, areas_j, variances) <= thresh)
