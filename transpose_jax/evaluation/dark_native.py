@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import math
 import os
 import pathlib
 import threading
@@ -92,7 +93,7 @@ def _buffers(owner: str, **layout):
   offsets, size = {}, 0
   for name, (dtype, shape) in layout.items():
     offsets[name] = size
-    size += -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 64) * 64
+    size += -(-math.prod(shape) * np.dtype(dtype).itemsize // 64) * 64
   blocks = getattr(_workspace, 'blocks', None)
   if blocks is None:
     blocks = _workspace.blocks = {}
@@ -104,7 +105,7 @@ def _buffers(owner: str, **layout):
   arrays, addresses = {}, {}
   for name, (dtype, shape) in layout.items():
     start = skip + offsets[name]
-    count = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    count = math.prod(shape) * np.dtype(dtype).itemsize
     arrays[name] = block[start:start + count].view(dtype).reshape(shape)
     addresses[name] = base + start
   return arrays, addresses
