@@ -209,3 +209,25 @@ def test_dark_maps_results_outlive_the_next_call(variant):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError):
     dark_native.dark_maps(first.astype(np.float64), 11, 5, 3, total, weight)
+
+
+def test_newton_move_is_the_numpy_update(variant):
+  """dark_native.newton_move == coords[refined[done]] += offset[done]; a
+  non-finite Hessian moves nothing."""
+  del variant
+  rng = np.random.default_rng(7)
+  log_stencil = rng.normal(-2, 1, (25, 500)).astype(np.float32)
+  log_stencil[:, :20] = -3.0  # flat: not moved
+  refined = rng.permutation(800)[:500].astype(np.int64)
+  coords = rng.uniform(0, 60, (800, 2)).astype(np.float32)
+  want = coords.copy()
+  offset, usable = dark_native.newton(log_stencil)
+  done = np.nonzero(usable)[0]
+  want[refined[done]] += offset[done]
+  got = coords.copy()
+  assert dark_native.newton_move(log_stencil, refined, got)
+  np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+  log_stencil[12, 3] = np.inf
+  got = coords.copy()
+  assert not dark_native.newton_move(log_stencil, refined, got)
+  np.testing.assert_array_equal(got, coords)

@@ -45,7 +45,7 @@ enum {
   REFINED_WHOLE = 3  /* as REFINED, the map was blurred whole */
 };
 
-int dark_abi_version(void) { return 5; }
+int dark_abi_version(void) { return 6; }
 
 static inline __attribute__((always_inline)) double row_step(
     double s, double k, double x, int fused) {
@@ -750,4 +750,20 @@ int dark_newton(const float *log_stencil, long s, long stride, float *offset,
     usable[i] = det != 0 && u00 != 0 && u11 != 0;
   }
   return special;
+}
+
+/* dark_newton, then coords[refined[i]] += offset[i] (float32, as decode's
+ * `coords[sel[done]] += offset`) for the usable maxima i; nothing moves when
+ * it returns 1 (a Hessian not finite: decode uses numpy for all). offset and
+ * usable: scratch for s maxima. */
+int dark_newton_move(const float *log_stencil, long s, long stride,
+                     const int64_t *refined, float *coords, float *offset,
+                     int8_t *usable) {
+  if (dark_newton(log_stencil, s, stride, offset, usable)) return 1;
+  for (long i = 0; i < s; i++)
+    if (usable[i]) {
+      coords[2 * refined[i]] += offset[2 * i];
+      coords[2 * refined[i] + 1] += offset[2 * i + 1];
+    }
+  return 0;
 }

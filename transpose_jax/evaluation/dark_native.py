@@ -34,7 +34,7 @@ from transpose_jax import clib
 
 logger = logging.getLogger(__name__)
 
-_ABI_VERSION = 5
+_ABI_VERSION = 6
 _SOURCE = pathlib.Path(__file__).with_name('_dark.c')
 _LIBRARY = pathlib.Path(__file__).with_name('_dark.so')
 _FLAGS = ['-O3', '-fno-fast-math', '-ffp-contract=off', '-fno-math-errno']
@@ -73,6 +73,9 @@ def _open(path: pathlib.Path) -> ctypes.CDLL | None:
   lib.dark_newton.restype = ctypes.c_int
   lib.dark_newton.argtypes = [address, ctypes.c_long, ctypes.c_long,
                               address, address]
+  lib.dark_newton_move.restype = ctypes.c_int
+  lib.dark_newton_move.argtypes = [address, ctypes.c_long, ctypes.c_long,
+                                   address, address, address, address]
   return lib
 
 
@@ -238,6 +241,14 @@ def dark_maps(maps: np.ndarray, kernel: int, region: int, core: int,
           out['refined'][:s], out['scaled'][:, :s], whole)
 
 
+def _check_log_stencil(log_stencil: np.ndarray) -> None:
+  if (log_stencil.dtype != np.float32 or log_stencil.shape[0] != 25
+      or log_stencil.strides[1] != 4 or log_stencil.strides[0] % 4):
+    raise ValueError('expected [25, s] float32 log-stencils with contiguous '
+                     f'rows, got {log_stencil.dtype} {log_stencil.shape} '
+                     f'{log_stencil.strides}')
+
+
 def newton(log_stencil: np.ndarray):
   """`_dark.c`'s dark_newton on log-stencils [25, s] float32 (rows C order,
   as dark_maps' `scaled`): the [s, 2] float32 Newton offsets and which
@@ -246,11 +257,7 @@ def newton(log_stencil: np.ndarray):
   library is not loaded."""
   if _lib is None:
     return None
-  if (log_stencil.dtype != np.float32 or log_stencil.shape[0] != 25
-      or log_stencil.strides[1] != 4 or log_stencil.strides[0] % 4):
-    raise ValueError('expected [25, s] float32 log-stencils with contiguous '
-                     f'rows, got {log_stencil.dtype} {log_stencil.shape} '
-                     f'{log_stencil.strides}')
+  _check_log_stencil(log_stencil)
   s = log_stencil.shape[1]
   out, at = _buffers('newton', offset=(np.float32, (s, 2)),
                      usable=(np.int8, (s,)))
@@ -258,6 +265,26 @@ def newton(log_stencil: np.ndarray):
                       at['offset'], at['usable']):
     return None
   return out['offset'], out['usable'].view(bool)
+
+
+def newton_move(log_stencil: np.ndarray, refined: np.ndarray,
+                coords: np.ndarray) -> bool:
+  """`newton`, then coords[refined] += the offsets of the maxima that move,
+  in C (numpy's fancy-indexed add cost ~1.3 us per crop). False (nothing
+  moved) where `newton` gives None."""
+  if _lib is None:
+    return False
+  _check_log_stencil(log_stencil)
+  s = log_stencil.shape[1]
+  if refined.shape != (s,) or coords.ndim != 2 or coords.shape[1] != 2:
+    raise ValueError(f'refined [{s}] and coords [M, 2] expected, got '
+                     f'{refined.shape} and {coords.shape}')
+  _, at = _buffers('newton', offset=(np.float32, (s, 2)),
+                   usable=(np.int8, (s,)))
+  return not _lib.dark_newton_move(
+      log_stencil.ctypes.data, s, log_stencil.strides[0] // 4,
+      _address(refined, np.int64), _address(coords, np.float32),
+      at['offset'], at['usable'])
 
 
 def _reset_for_tests() -> None:

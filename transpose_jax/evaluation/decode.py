@@ -381,17 +381,14 @@ def _refine(coords: np.ndarray, sel: np.ndarray, maxvals: np.ndarray,
 def _newton_step(coords: np.ndarray, sel: np.ndarray,
                  log_stencil: np.ndarray, native: bool = False) -> None:
   """Adds the Newton offsets of the maps `sel` from their [25, s]
-  log-stencils to coords (in place); native: in C (`dark_native.newton`,
-  the same float32 / float64 operations as `_newton_offsets`)."""
-  newton = (dark_native.newton(log_stencil)
-            if native and _lu_inverse_is_numpys() else None)
-  if newton is not None:  # _newton_offsets in C
-    offset, usable = newton
-    done = np.nonzero(usable)[0]
-    offset = offset[done]
-  else:
-    done, offset = _newton_offsets(
-        lambda dy, dx: log_stencil[(2 + dy) * 5 + 2 + dx])
+  log-stencils to coords (in place); native: in C (`dark_native.newton_move`,
+  the same float32 / float64 operations as `_newton_offsets` and the same
+  float32 additions)."""
+  if (native and _lu_inverse_is_numpys()
+      and dark_native.newton_move(log_stencil, sel, coords)):
+    return
+  done, offset = _newton_offsets(
+      lambda dy, dx: log_stencil[(2 + dy) * 5 + 2 + dx])
   coords[sel[done]] += offset.astype(np.float32)
 
 
