@@ -231,3 +231,24 @@ def test_newton_move_is_the_numpy_update(variant):
   got = coords.copy()
   assert not dark_native.newton_move(log_stencil, refined, got)
   np.testing.assert_array_equal(got, coords)
+
+
+def test_newton_reads_only_the_rows_decode_takes_the_log_of(variant):
+  """The C path logs only decode._NEWTON_ROWS: the other stencil pixels
+  (NaN here) change neither Newton step."""
+  del variant
+  rng = np.random.default_rng(8)
+  log_stencil = rng.normal(-2, 1, (25, 400)).astype(np.float32)
+  unread = np.ones(25, bool)
+  for rows in decode._NEWTON_ROWS:  # pylint: disable=protected-access
+    unread[rows] = False
+  assert unread.sum() == 12
+  poisoned = log_stencil.copy()
+  poisoned[unread] = np.nan
+  want = [a.copy() for a in dark_native.newton(log_stencil)]
+  for a, b in zip(want, dark_native.newton(poisoned)):
+    np.testing.assert_array_equal(a, b)
+  want = decode._newton_offsets(lambda dy, dx: log_stencil[(2 + dy) * 5 + 2 + dx])  # pylint: disable=protected-access
+  got = decode._newton_offsets(lambda dy, dx: poisoned[(2 + dy) * 5 + 2 + dx])  # pylint: disable=protected-access
+  for a, b in zip(want, got):
+    np.testing.assert_array_equal(a, b)
