@@ -350,10 +350,18 @@ __attribute__((target("avx2,fma"))) static float region_blur_11_5(
         _mm256_storeu_pd(row + j, _mm256_cvtps_pd(_mm_loadu_ps(src + x0 + j)));
       row[20] = src[x0 + 20];
       row[21] = src[x0 + 21];
-    } else {
-      for (int j = 0; j < 22; j++) {
-        int x = x0 + j;
-        row[j] = (x >= 0 && x < w) ? (double)src[x] : 0.0;
+    } else {  /* near the left or right border: zeros beyond it */
+      for (int j = 0; j < 24; j += 4) {
+        __m128i x = _mm_add_epi32(_mm_set1_epi32(x0 + j),
+                                  _mm_setr_epi32(0, 1, 2, 3));
+        __m128i in = _mm_andnot_si128(
+            _mm_cmplt_epi32(x, _mm_setzero_si128()),
+            _mm_cmplt_epi32(x, _mm_set1_epi32(w)));
+        /* masked lanes read nothing (not even beyond the map's memory)
+         * and give +0.0 */
+        const float *at =
+            (const float *)((uintptr_t)src + (intptr_t)(x0 + j) * 4);
+        _mm256_storeu_pd(row + j, _mm256_cvtps_pd(_mm_maskload_ps(at, in)));
       }
     }
   }
