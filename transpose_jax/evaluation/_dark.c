@@ -428,6 +428,23 @@ __attribute__((target("avx2,fma"))) static float region_blur_11_5(
   return m;
 }
 
+/* max(init, v[from], ..., v[to - 1]) of values that are not NaN (the row
+ * maxima), eight at a time: the scalar loop is a chain of dependent
+ * maxima, ~4 cycles a row. */
+__attribute__((target("avx2,fma"))) static float rows_max_avx2(
+    const float *v, int from, int to, float init) {
+  __m256 best = _mm256_set1_ps(init);
+  int y = from;
+  for (; y + 8 <= to; y += 8) best = _mm256_max_ps(_mm256_loadu_ps(v + y), best);
+  __m128 half = _mm_max_ps(_mm256_castps256_ps128(best),
+                           _mm256_extractf128_ps(best, 1));
+  half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+  half = _mm_max_ss(half, _mm_shuffle_ps(half, half, 1));
+  float m = _mm_cvtss_f32(half);
+  for (; y < to; y++) m = v[y] > m ? v[y] : m;
+  return m;
+}
+
 /* The largest value of the rows cy - core .. cy + core outside the columns
  * cx - core .. cx + core, those in the map (w a multiple of 8). */
 __attribute__((target("avx2,fma"))) static float core_rows_rest(
@@ -573,11 +590,17 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
       continue;  /* NaN / inf */
     float peak = rowmax[0];
     int cy = 0;
-    for (int y = 1; y < h; y++)
-      if (rowmax[y] > peak) {
-        peak = rowmax[y];
-        cy = y;
-      }
+#if defined(__x86_64__) || defined(__i386__)
+    if (vector) {  /* the first row holding the maximum */
+      peak = rows_max_avx2(rowmax, 1, h, peak);
+      while (rowmax[cy] != peak) cy++;
+    } else
+#endif
+      for (int y = 1; y < h; y++)
+        if (rowmax[y] > peak) {
+          peak = rowmax[y];
+          cy = y;
+        }
     if (!(peak > 0)) continue;  /* np.max's sign of a zero: Python */
     int cx = 0;
     while (map[(long)cy * w + cx] != peak) cx++;
@@ -594,8 +617,9 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
     if (vector && ksize == 11 && region == 5 && w % 8 == 0) {
       best = region_blur_11_5(map, h, w, cy, cx, k, variant, stencil, &next);
       raw = core_rows_rest(map, h, w, cy, cx, core);
-      for (int y = 0; y < h; y++)
-        if (abs(y - cy) > core && rowmax[y] > raw) raw = rowmax[y];
+      raw = rows_max_avx2(rowmax, 0, cy - core > 0 ? cy - core : 0, raw);
+      raw = rows_max_avx2(rowmax, cy + core + 1 < h ? cy + core + 1 : h, h,
+                          raw);
     } else
 #endif
     {
