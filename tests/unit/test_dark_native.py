@@ -252,3 +252,24 @@ def test_newton_reads_only_the_rows_decode_takes_the_log_of(variant):
   got = decode._newton_offsets(lambda dy, dx: poisoned[(2 + dy) * 5 + 2 + dx])  # pylint: disable=protected-access
   for a, b in zip(want, got):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize('shape', [(64, 48), (64, 44)])
+def test_dark_is_the_python_path_with_tied_values(variant, shape):
+  """Maps of few distinct values (ties everywhere: the first maximum, the
+  largest value beyond the core box and its position decide) with a second
+  peak of the same height or lower, in the vector (w % 8 == 0) and the
+  plain code."""
+  del variant
+  rng = np.random.default_rng(10)
+  h, w = shape
+  yy, xx = np.mgrid[:h, :w].astype(np.float32)
+  maps = []
+  for _ in range(300):
+    levels = rng.integers(2, 6)
+    values = np.round(rng.random((h, w)) * levels) / levels * rng.uniform(0.05, 0.5)
+    for _ in range(rng.integers(1, 3)):
+      x, y = rng.uniform(2, w - 2), rng.uniform(2, h - 2)
+      values += np.round(4 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 8.0)) / 4
+    maps.append(values.astype(np.float32))
+  _assert_same(np.stack(maps))

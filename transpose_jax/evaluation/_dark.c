@@ -428,6 +428,69 @@ __attribute__((target("avx2,fma"))) static float region_blur_11_5(
   return m;
 }
 
+/* outside_max for w a multiple of 8 (maps without NaN): each row's maximum
+ * outside the boxes eight columns at a time (the scalar loop's compare and
+ * branch per pixel was ~7% of dark_maps), then the first row holding the
+ * largest and the first pixel outside the boxes holding it there, where
+ * outside_max takes the first strictly larger one: the same position (a
+ * maximum of +0.0 and -0.0 may come back with the other sign, which no
+ * caller tells apart: they take max(value, 0)). */
+__attribute__((target("avx2,fma"))) static float outside_max_avx2(
+    const float *map, int h, int w, const float *rowmax, const int *ys,
+    const int *xs, int boxes, int core, long *where) {
+  const __m256 minus = _mm256_set1_ps(-INFINITY);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  float best = -INFINITY;
+  int at_y = -1;
+  for (int y = 0; y < h; y++) {
+    __m256i lo[2], hi[2];  /* box columns as lo < col < hi */
+    int n = 0;
+    for (int b = 0; b < boxes; b++)
+      if (abs(y - ys[b]) <= core) {
+        lo[n] = _mm256_set1_epi32(xs[b] - core - 1);
+        hi[n] = _mm256_set1_epi32(xs[b] + core + 1);
+        n++;
+      }
+    float m = rowmax[y];
+    if (n) {
+      const float *row = map + (long)y * w;
+      __m256 acc = minus;
+      for (int x = 0; x < w; x += 8) {
+        __m256 v = _mm256_loadu_ps(row + x);
+        __m256i col = _mm256_add_epi32(lane, _mm256_set1_epi32(x));
+        for (int b = 0; b < n; b++) {
+          __m256i in = _mm256_and_si256(_mm256_cmpgt_epi32(col, lo[b]),
+                                        _mm256_cmpgt_epi32(hi[b], col));
+          v = _mm256_blendv_ps(v, minus, _mm256_castsi256_ps(in));
+        }
+        acc = _mm256_max_ps(v, acc);
+      }
+      __m128 half = _mm_max_ps(_mm256_castps256_ps128(acc),
+                               _mm256_extractf128_ps(acc, 1));
+      half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+      half = _mm_max_ss(half, _mm_shuffle_ps(half, half, 1));
+      m = _mm_cvtss_f32(half);
+    }
+    if (m > best) {
+      best = m;
+      at_y = y;
+    }
+  }
+  if (where) {
+    *where = -1;
+    for (int x = 0; at_y >= 0 && x < w; x++) {
+      int boxed = 0;
+      for (int b = 0; b < boxes; b++)
+        boxed |= abs(at_y - ys[b]) <= core && abs(x - xs[b]) <= core;
+      if (!boxed && map[(long)at_y * w + x] == best) {
+        *where = (long)at_y * w + x;
+        break;
+      }
+    }
+  }
+  return best;
+}
+
 /* max(init, v[from], ..., v[to - 1]) of values that are not NaN (the row
  * maxima), eight at a time: the scalar loop is a chain of dependent
  * maxima, ~4 cycles a row. */
@@ -637,7 +700,12 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
       continue;
     }
     long second;
-    outside_max(map, h, w, rowmax, ys, xs, 1, core, &second);
+#if defined(__x86_64__) || defined(__i386__)
+    if (vector && w % 8 == 0)
+      outside_max_avx2(map, h, w, rowmax, ys, xs, 1, core, &second);
+    else
+#endif
+      outside_max(map, h, w, rowmax, ys, xs, 1, core, &second);
     if (second >= 0) {
       ys[1] = (int)(second / w);
       xs[1] = (int)(second % w);
@@ -651,7 +719,13 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
         best2 = region_blur(map, h, w, ys[1], xs[1], region, k, ksize,
                             variant, NULL);
       if (best2 > best) best = best2;
-      float raw2 = outside_max(map, h, w, rowmax, ys, xs, 2, core, NULL);
+      float raw2;
+#if defined(__x86_64__) || defined(__i386__)
+      if (vector && w % 8 == 0)
+        raw2 = outside_max_avx2(map, h, w, rowmax, ys, xs, 2, core, NULL);
+      else
+#endif
+        raw2 = outside_max(map, h, w, rowmax, ys, xs, 2, core, NULL);
       rest = raw2 > 0 ? (double)raw2 : 0.0;
       bound = beyond_bound(rest, peaks, 2, total, weight);
       if (bound < (double)nextafterf(best, -INFINITY)) {
