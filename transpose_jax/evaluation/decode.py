@@ -301,12 +301,12 @@ def _kernel_sums(kernel: int, core: int, region: int) -> tuple[float, float]:
 def _dark(maps: np.ndarray, kernel: int) -> tuple[np.ndarray, np.ndarray]:
   """Argmax + DARK refinement of maps [M, h, w] (float32, C order).
 
-  The blur part and the Newton step in C (`dark_native`, the algorithm of
-  `_dark_python` with OpenCV's blur written out) when its library loads,
-  its blur equals cv2's here and the whole path `_dark_python`'s on test
-  maps (`_native_agrees`); the maps it leaves (maximum <= 0, NaN / inf) and
-  every map without it go through `_dark_python`. The log is numpy's either
-  way.
+  The blur part, the rescaling and the Newton step in C (`dark_native`, the
+  algorithm of `_dark_python` with OpenCV's blur written out) when its
+  library loads, its blur equals cv2's here and the whole path
+  `_dark_python`'s on test maps (`_native_agrees`); the maps it leaves
+  (maximum <= 0, NaN / inf) and every map without it go through
+  `_dark_python`. The log is numpy's either way.
 
   Returns:
     coords [M, 2] float32 (x, y) in heatmap pixels and maxvals [M] float32,

@@ -11,6 +11,9 @@ dicts:
   the joints;
 * `soft_oks_nms` keeps at most 20 detections (its hard-coded max_dets) and
   rescales scores with a Gaussian, exp(-oks^2 / thresh).
+
+`oks_nms_images` gives `oks_nms`'s keep lists for many images in a few
+numpy passes (what the evaluation uses).
 """
 
 from collections.abc import Sequence
@@ -166,10 +169,9 @@ def oks_nms_images(keypoints: np.ndarray, scores: np.ndarray,
   matrix: OKS is symmetric bit for bit, the differences only change sign
   and the area sum commutes; computed where a cheap bound does not settle
   it), then the greedy pass over keep positions for all images together.
-  The keep
-  order is the order of the scores alone unless an image has equal scores
-  or a NaN one; those images, whose order depends on numpy's unstable
-  argsort, go through `oks_nms` itself.
+  The keep order is the order of the scores alone unless an image has equal
+  scores or a NaN one; those images, whose order depends on numpy's
+  unstable argsort, go through `oks_nms` itself.
 
   Args:
     keypoints: [N, K, 3] or [N, 3K] poses of all images.
