@@ -8,12 +8,23 @@ shapes only, nothing allocated or run) for one device of this host, once
 per `config.model.attention`, and prints XLA's memory analysis of it:
 
     train_step attention=<a> bytes_per_image=<int> temp_bytes=<int> tokens=<L>
+        largest_array_bytes=<int> square_map_bytes=<L*L*4> square_arrays=<int>
 
 `temp_bytes` is the compiled step's scratch memory (activations saved for
 the backward pass and the backward pass's intermediates; the parameters,
 optimizer state and batch are its arguments, not counted) and
-`bytes_per_image` is that divided by the batch. `--image_size` overrides the
-config's input size (heatmaps a quarter of it).
+`bytes_per_image` is that divided by the batch. `largest_array_bytes` is the
+largest array any instruction of the optimized program produces or takes,
+to set beside one [L, L] float32 map (`square_map_bytes`); `square_arrays`
+counts the arrays with two dimensions of L (the full path's weights and
+masks). `--image_size`
+overrides the config's input size (heatmaps a quarter of it).
+
+The step is compiled as train.py compiles it on this host, with the XLA:CPU
+flags its entry point sets (`kernels.xla_cpu`: among them the
+memory-minimising instruction schedule; XLA_FLAGS with
+`--xla_cpu_enable_concurrency_optimized_scheduler=true` shows the default
+one's figure).
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
@@ -37,15 +49,37 @@ from transpose_jax import sharding  # noqa: E402
 from transpose_jax.training import trainer  # noqa: E402
 
 
+_ARRAY = re.compile(r'\b(pred|s8|u8|s16|u16|f16|bf16|s32|u32|f32|s64|u64|f64)\[([\d,]*)\]')
+_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2,
+          's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8}
+
+
+def largest_array_bytes(hlo_text: str) -> int:
+  """Bytes of the largest array shape written in an HLO module's text."""
+  largest = 0
+  for dtype, dims in _ARRAY.findall(hlo_text):
+    largest = max(largest, math.prod(int(d) for d in dims.split(',') if d) * _BYTES[dtype])
+  return largest
+
+
+def square_arrays(hlo_text: str, length: int) -> int:
+  """How many array shapes in an HLO module's text have two dimensions of `length`."""
+  return sum(1 for _, dims in _ARRAY.findall(hlo_text)
+             if [int(d) for d in dims.split(',') if d].count(length) >= 2)
+
+
 def step_memory(config, attention: str) -> dict[str, int]:
   config = config.copy_and_resolve_references()
   config.model.attention = attention
   mesh = sharding.make_mesh(jax.devices()[:1])
   step, args = trainer.abstract_train_step(config, mesh)
-  analysis = step.lower(*args).compile().memory_analysis()
-  temp = int(analysis.temp_size_in_bytes)
-  return dict(bytes_per_image=temp // config.batch_size, temp_bytes=temp,
-              tokens=math.prod(models.feature_hw(config.model)))
+  compiled = step.lower(*args).compile()
+  temp = int(compiled.memory_analysis().temp_size_in_bytes)
+  tokens = math.prod(models.feature_hw(config.model))
+  hlo = compiled.as_text()
+  return dict(bytes_per_image=temp // config.batch_size, temp_bytes=temp, tokens=tokens,
+              largest_array_bytes=largest_array_bytes(hlo), square_map_bytes=tokens * tokens * 4,
+              square_arrays=square_arrays(hlo, tokens))
 
 
 def main(argv=None) -> None:

@@ -1,5 +1,6 @@
-"""The XLA:CPU convolution setting: entry points apply it, only for CPU
-processes; importing the library never changes XLA_FLAGS."""
+"""The XLA:CPU settings (Eigen convolutions, the memory-minimising
+schedule): entry points apply them, only for CPU processes; importing the
+library never changes XLA_FLAGS."""
 
 import os
 import subprocess
@@ -11,6 +12,7 @@ from tests.conftest import PROJECT_ROOT
 from transpose_jax.kernels import xla_cpu
 
 NEW_ENOUGH = xla_cpu._jaxlib_version() >= xla_cpu._FIRST_JAXLIB
+BOTH = f'{xla_cpu.EIGEN_CONVOLUTIONS} {xla_cpu.MEMORY_MINIMIZING_SCHEDULE}'
 
 
 def _python(code: str, **env) -> str:
@@ -31,6 +33,18 @@ def test_flag_added_to_existing_flags():
   environ = {}
   assert xla_cpu.use_eigen_convolutions(environ)
   assert environ['XLA_FLAGS'] == xla_cpu.EIGEN_CONVOLUTIONS
+
+
+@pytest.mark.skipif(not NEW_ENOUGH, reason='jaxlib predates the scheduler flag')
+def test_schedule_flag_added_unless_chosen():
+  environ = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  assert xla_cpu.use_memory_minimizing_schedule(environ)
+  assert environ['XLA_FLAGS'] == ('--xla_force_host_platform_device_count=8 '
+                                  + xla_cpu.MEMORY_MINIMIZING_SCHEDULE)
+  mine = '--xla_cpu_enable_concurrency_optimized_scheduler=true'
+  environ = {'XLA_FLAGS': mine}
+  assert not xla_cpu.use_memory_minimizing_schedule(environ)
+  assert environ == {'XLA_FLAGS': mine}
 
 
 def test_user_choice_and_opt_out_are_kept():
@@ -56,7 +70,7 @@ def test_only_cpu_processes_get_the_setting(monkeypatch):
   environ = {}
   assert not xla_cpu.configure(environ) and environ == {}
   monkeypatch.setattr(xla_cpu, '_accelerator_installed', lambda: False)
-  assert xla_cpu.configure(environ) and environ['XLA_FLAGS'] == xla_cpu.EIGEN_CONVOLUTIONS
+  assert xla_cpu.configure(environ) and environ['XLA_FLAGS'] == BOTH
 
 
 def test_importing_the_library_leaves_xla_flags_alone():
@@ -74,7 +88,7 @@ def test_an_entry_point_applies_it_before_jax_starts():
   code = ('import os, sys\n'
           'from transpose_jax import cli\n'
           "cli.run(lambda argv: print(os.environ.get('XLA_FLAGS')), argv=[sys.argv[0]])")
-  assert _python(code, JAX_PLATFORMS='cpu').strip() == xla_cpu.EIGEN_CONVOLUTIONS
+  assert _python(code, JAX_PLATFORMS='cpu').strip() == BOTH
   assert _python(code, JAX_PLATFORMS='cuda').strip() == 'None'
 
 
@@ -98,3 +112,10 @@ def test_the_setting_takes_convolutions_off_ynnpack():
   # The control: without the setting this jaxlib does give the convolution to
   # YNNPACK, so the assertion above can fail.
   assert '__ynn_fusion' in compiled(False)
+
+
+@pytest.mark.skipif(not NEW_ENOUGH, reason='jaxlib predates the flags')
+def test_this_jaxlib_accepts_the_flags():
+  """XLA aborts the process on a flag it does not know."""
+  code = 'import jax.numpy as jnp; print(float(jnp.arange(4.0).sum()))'
+  assert _python(code, XLA_FLAGS=BOTH, JAX_PLATFORMS='cpu').strip() == '6.0'

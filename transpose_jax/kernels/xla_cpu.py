@@ -1,4 +1,4 @@
-"""The XLA:CPU setting the CPU kernels are tuned for, applied by entry points.
+"""The XLA:CPU settings the CPU kernels are tuned for, applied by entry points.
 
 jaxlib 0.10 hands every convolution on the CPU to YNNPACK. For the HRNet and
 ResNet 3x3 convolutions at batch 8 on this project's 2-core AVX2 machine,
@@ -7,6 +7,13 @@ about twice as fast forward at HRNet-W48's 48-channel 64x48 branch
 (`benchmarks/convolutions.py` times both back ends; docs/performance.md).
 Matrix products, reductions and elementwise fusions stay with YNNPACK.
 
+XLA:CPU's default instruction schedule is chosen for concurrency: it lets
+independent instructions overlap, which keeps their buffers alive together.
+The memory-minimising schedule (`--xla_cpu_enable_concurrency_optimized_scheduler=false`)
+holds the TP-H-A4 training step (blockwise attention, batch 1) in 323 MB of
+scratch instead of 773 MB at 256x192 (docs/performance.md, with the
+training-step timing).
+
 `configure()` is called by the entry points (train.py, eval.py, the
 `python -m transpose_jax.*` tools, the benchmarks, the test suite), never on
 import of the library, and only for a process that computes on the CPU: not
@@ -14,7 +21,8 @@ when JAX_PLATFORMS names an accelerator first, nor (JAX_PLATFORMS unset)
 when a GPU or TPU plugin is installed. It only takes effect before JAX starts
 its CPU backend. A run whose XLA_FLAGS already set the YNNPACK fusion types
 keeps that choice; TRANSPOSE_JAX_YNNPACK_CONV=1 keeps YNNPACK for
-convolutions.
+convolutions. Likewise a run whose XLA_FLAGS name the scheduler flag keeps
+its choice.
 """
 
 from __future__ import annotations
@@ -25,8 +33,10 @@ import os
 
 FLAG = 'xla_cpu_experimental_ynn_fusion_type'
 EIGEN_CONVOLUTIONS = f'--{FLAG}=-individual_convolution'
-# Older jaxlibs do not know the flag, and XLA aborts on an unknown flag in
-# XLA_FLAGS. This is the first release it was measured with.
+SCHEDULER_FLAG = 'xla_cpu_enable_concurrency_optimized_scheduler'
+MEMORY_MINIMIZING_SCHEDULE = f'--{SCHEDULER_FLAG}=false'
+# Older jaxlibs do not know the flags, and XLA aborts on an unknown flag in
+# XLA_FLAGS. This is the first release they were measured with.
 _FIRST_JAXLIB = (0, 10)
 
 
@@ -73,9 +83,23 @@ def runs_on_cpu(environ=os.environ) -> bool:
 
 
 def configure(environ=os.environ) -> bool:
-  """`use_eigen_convolutions` for a process that computes on the CPU; returns
-  whether XLA_FLAGS changed."""
-  return runs_on_cpu(environ) and use_eigen_convolutions(environ)
+  """`use_eigen_convolutions` and `use_memory_minimizing_schedule` for a
+  process that computes on the CPU; returns whether XLA_FLAGS changed."""
+  if not runs_on_cpu(environ):
+    return False
+  convolutions = use_eigen_convolutions(environ)
+  return use_memory_minimizing_schedule(environ) or convolutions
+
+
+def use_memory_minimizing_schedule(environ=os.environ) -> bool:
+  """Adds MEMORY_MINIMIZING_SCHEDULE to environ['XLA_FLAGS'] and returns True;
+  False (XLA_FLAGS untouched) when XLA_FLAGS already names the flag or the
+  installed jaxlib predates it."""
+  flags = environ.get('XLA_FLAGS', '')
+  if SCHEDULER_FLAG in flags or _jaxlib_version() < _FIRST_JAXLIB:
+    return False
+  environ['XLA_FLAGS'] = f'{flags} {MEMORY_MINIMIZING_SCHEDULE}'.strip()
+  return True
 
 
 def use_eigen_convolutions(environ=os.environ) -> bool:
