@@ -17,14 +17,13 @@ optimizer state and batch are its arguments, not counted) and
 largest array any instruction of the optimized program produces or takes,
 to set beside one [L, L] float32 map (`square_map_bytes`); `square_arrays`
 counts the arrays with two dimensions of L (the full path's weights and
-masks). `--image_size`
-overrides the config's input size (heatmaps a quarter of it).
+masks). `--image_size` overrides the config's input size (heatmaps a
+quarter of it). A line starting with '#' says what was compiled.
 
-The step is compiled as train.py compiles it on this host, with the XLA:CPU
-flags its entry point sets (`kernels.xla_cpu`: among them the
-memory-minimising instruction schedule; XLA_FLAGS with
-`--xla_cpu_enable_concurrency_optimized_scheduler=true` shows the default
-one's figure).
+Each path is compiled in its own process with the XLA:CPU flags train.py
+sets for it (`kernels.xla_cpu.configure`: a blockwise run gets the
+memory-minimising instruction schedule); XLA_FLAGS naming
+`--xla_cpu_enable_concurrency_optimized_scheduler` overrides that for both.
 """
 
 from __future__ import annotations
@@ -33,15 +32,14 @@ import argparse
 import math
 import os
 import re
+import subprocess
 import sys
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, ROOT)
 from transpose_jax.kernels import xla_cpu  # noqa: E402
 
-xla_cpu.configure()  # an entry point: before JAX starts its CPU backend
-
-import jax  # noqa: E402
+import jax  # noqa: E402  # its backend starts in main, after xla_cpu.configure
 
 from transpose_jax import config_schema  # noqa: E402
 from transpose_jax import models  # noqa: E402
@@ -89,6 +87,17 @@ def main(argv=None) -> None:
   parser.add_argument('--batch', type=int, default=1)
   parser.add_argument('--attention', default=','.join(config_schema.CHOICES['model.attention']))
   args = parser.parse_args(argv)
+  attentions = args.attention.split(',')
+  if len(attentions) > 1:
+    # XLA reads XLA_FLAGS once a process, and the schedule follows the
+    # attention (`xla_cpu.configure`): one process per path.
+    argv = sys.argv[1:] if argv is None else list(argv)
+    rest = [a for a in argv if not a.startswith('--attention')]
+    for attention in attentions:
+      subprocess.run([sys.executable, os.path.abspath(__file__), *rest,
+                      f'--attention={attention}'], check=True)
+    return
+  xla_cpu.configure(attention=args.attention)  # as train.py does, before JAX's backend starts
   config = config_schema.load_file(args.config)
   if args.image_size:
     h, w = (int(s) for s in args.image_size.split(','))
@@ -96,11 +105,11 @@ def main(argv=None) -> None:
     config.model.heatmap_size = (h // 4, w // 4)
   config.batch_size = args.batch
   print(f'# {args.config} image_size={tuple(config.model.image_size)} batch={args.batch}; '
-        f'{jax.devices()[0].device_kind}; jax {jax.__version__}', flush=True)
-  for attention in args.attention.split(','):
-    figures = step_memory(config, attention)
-    print(f'train_step attention={attention} ' +
-          ' '.join(f'{k}={v}' for k, v in figures.items()), flush=True)
+        f'{jax.devices()[0].device_kind}; jax {jax.__version__}; '
+        f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}', flush=True)
+  figures = step_memory(config, args.attention)
+  print(f'train_step attention={args.attention} ' +
+        ' '.join(f'{k}={v}' for k, v in figures.items()), flush=True)
 
 
 if __name__ == '__main__':

@@ -180,7 +180,7 @@ def at_image_size(config: ml_collections.ConfigDict, image_size: tuple[int, int]
 
   The encoder attention becomes blockwise (`kernels.blockwise`): the full
   path's [N, heads, L, L] weights and dropout masks grow with L^2 (TP-H-A4 at
-  384x288, L = 6912: 2.2 GB of training-step scratch per image against 0.7
+  384x288, L = 6912: 3.5 GB of training-step scratch per image against 0.7
   GB blockwise on XLA:CPU, docs/performance.md); masks, outputs and
   gradients are the full path's within float32 rounding.
   """

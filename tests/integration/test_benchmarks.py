@@ -88,7 +88,9 @@ def test_memory_benchmark_reports_both_attention_paths():
        '--config', 'tests/tiny_train_config.py', '--image_size', '256,192', '--batch', '2'],
       cwd=ROOT, check=True, capture_output=True, text=True, timeout=300).stdout
   rows = {}
-  for line in out.splitlines()[1:]:
+  for line in out.splitlines():
+    if line.startswith('#'):
+      continue
     head, *fields = line.split()
     assert head == 'train_step'
     values = dict(f.split('=') for f in fields)

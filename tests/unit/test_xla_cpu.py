@@ -1,6 +1,5 @@
-"""The XLA:CPU settings (Eigen convolutions, the memory-minimising
-schedule): entry points apply them, only for CPU processes; importing the
-library never changes XLA_FLAGS."""
+"""The XLA:CPU convolution setting: entry points apply it, only for CPU
+processes; importing the library never changes XLA_FLAGS."""
 
 import os
 import subprocess
@@ -12,7 +11,6 @@ from tests.conftest import PROJECT_ROOT
 from transpose_jax.kernels import xla_cpu
 
 NEW_ENOUGH = xla_cpu._jaxlib_version() >= xla_cpu._FIRST_JAXLIB
-BOTH = f'{xla_cpu.EIGEN_CONVOLUTIONS} {xla_cpu.MEMORY_MINIMIZING_SCHEDULE}'
 
 
 def _python(code: str, **env) -> str:
@@ -33,18 +31,6 @@ def test_flag_added_to_existing_flags():
   environ = {}
   assert xla_cpu.use_eigen_convolutions(environ)
   assert environ['XLA_FLAGS'] == xla_cpu.EIGEN_CONVOLUTIONS
-
-
-@pytest.mark.skipif(not NEW_ENOUGH, reason='jaxlib predates the scheduler flag')
-def test_schedule_flag_added_unless_chosen():
-  environ = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
-  assert xla_cpu.use_memory_minimizing_schedule(environ)
-  assert environ['XLA_FLAGS'] == ('--xla_force_host_platform_device_count=8 '
-                                  + xla_cpu.MEMORY_MINIMIZING_SCHEDULE)
-  mine = '--xla_cpu_enable_concurrency_optimized_scheduler=true'
-  environ = {'XLA_FLAGS': mine}
-  assert not xla_cpu.use_memory_minimizing_schedule(environ)
-  assert environ == {'XLA_FLAGS': mine}
 
 
 def test_user_choice_and_opt_out_are_kept():
@@ -70,7 +56,7 @@ def test_only_cpu_processes_get_the_setting(monkeypatch):
   environ = {}
   assert not xla_cpu.configure(environ) and environ == {}
   monkeypatch.setattr(xla_cpu, '_accelerator_installed', lambda: False)
-  assert xla_cpu.configure(environ) and environ['XLA_FLAGS'] == BOTH
+  assert xla_cpu.configure(environ) and environ['XLA_FLAGS'] == xla_cpu.EIGEN_CONVOLUTIONS
 
 
 def test_importing_the_library_leaves_xla_flags_alone():
@@ -88,7 +74,7 @@ def test_an_entry_point_applies_it_before_jax_starts():
   code = ('import os, sys\n'
           'from transpose_jax import cli\n'
           "cli.run(lambda argv: print(os.environ.get('XLA_FLAGS')), argv=[sys.argv[0]])")
-  assert _python(code, JAX_PLATFORMS='cpu').strip() == BOTH
+  assert _python(code, JAX_PLATFORMS='cpu').strip() == xla_cpu.EIGEN_CONVOLUTIONS
   assert _python(code, JAX_PLATFORMS='cuda').strip() == 'None'
 
 
@@ -114,8 +100,40 @@ def test_the_setting_takes_convolutions_off_ynnpack():
   assert '__ynn_fusion' in compiled(False)
 
 
-@pytest.mark.skipif(not NEW_ENOUGH, reason='jaxlib predates the flags')
-def test_this_jaxlib_accepts_the_flags():
-  """XLA aborts the process on a flag it does not know."""
-  code = 'import jax.numpy as jnp; print(float(jnp.arange(4.0).sum()))'
-  assert _python(code, XLA_FLAGS=BOTH, JAX_PLATFORMS='cpu').strip() == '6.0'
+@pytest.mark.skipif(not NEW_ENOUGH, reason='jaxlib predates the scheduler flag')
+def test_memory_minimizing_schedule_for_blockwise_training_on_cpu():
+  environ = {'JAX_PLATFORMS': 'cpu'}
+  assert xla_cpu.configure(environ, attention='blockwise')
+  assert environ['XLA_FLAGS'] == (f'{xla_cpu.EIGEN_CONVOLUTIONS} '
+                                  f'{xla_cpu.MEMORY_MINIMIZING_SCHEDULE}')
+  # Called again once the config is read: only what is missing is added.
+  environ = {'JAX_PLATFORMS': 'cpu'}
+  assert xla_cpu.configure(environ) and not xla_cpu.configure(environ, attention='full')
+  assert xla_cpu.configure(environ, attention='blockwise')
+  assert environ['XLA_FLAGS'].split() == [xla_cpu.EIGEN_CONVOLUTIONS,
+                                          xla_cpu.MEMORY_MINIMIZING_SCHEDULE]
+  # Not for an accelerator process, nor against the user's XLA_FLAGS.
+  environ = {'JAX_PLATFORMS': 'cuda'}
+  assert not xla_cpu.configure(environ, attention='blockwise') and 'XLA_FLAGS' not in environ
+  mine = '--xla_cpu_enable_concurrency_optimized_scheduler=true'
+  environ = {'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': mine}
+  xla_cpu.configure(environ, attention='blockwise')
+  assert environ['XLA_FLAGS'] == f'{mine} {xla_cpu.EIGEN_CONVOLUTIONS}'
+
+
+@pytest.mark.skipif(not NEW_ENOUGH, reason='jaxlib predates the scheduler flag')
+def test_train_sets_the_schedule_before_jax_starts(monkeypatch):
+  """train.py's main reads the config's attention before any backend exists
+  (XLA reads XLA_FLAGS once, when the first one starts)."""
+  code = ('import os, sys\n'
+          'from jax._src import xla_bridge\n'
+          'from transpose_jax import train\n'
+          'def fake_init():\n'
+          "  print(xla_bridge.backends_are_initialized(), os.environ.get('XLA_FLAGS'))\n"
+          '  sys.exit(0)\n'
+          'train.sharding.init_distributed = fake_init\n'
+          "sys.argv = [sys.argv[0], '--config=configs/tp_h_a4_384x288.py', '--workdir=unused']\n"
+          'train.run()\n')
+  initialized, flags = _python(code, JAX_PLATFORMS='cpu').split(' ', 1)
+  assert initialized == 'False'
+  assert flags.split() == [xla_cpu.EIGEN_CONVOLUTIONS, xla_cpu.MEMORY_MINIMIZING_SCHEDULE]

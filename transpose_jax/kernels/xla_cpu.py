@@ -1,4 +1,4 @@
-"""The XLA:CPU settings the CPU kernels are tuned for, applied by entry points.
+"""The XLA:CPU setting the CPU kernels are tuned for, applied by entry points.
 
 jaxlib 0.10 hands every convolution on the CPU to YNNPACK. For the HRNet and
 ResNet 3x3 convolutions at batch 8 on this project's 2-core AVX2 machine,
@@ -9,10 +9,15 @@ Matrix products, reductions and elementwise fusions stay with YNNPACK.
 
 XLA:CPU's default instruction schedule is chosen for concurrency: it lets
 independent instructions overlap, which keeps their buffers alive together.
-The memory-minimising schedule (`--xla_cpu_enable_concurrency_optimized_scheduler=false`)
-holds the TP-H-A4 training step (blockwise attention, batch 1) in 323 MB of
-scratch instead of 773 MB at 256x192 (docs/performance.md, with the
-training-step timing).
+A training run with blockwise encoder attention (`model.attention =
+'blockwise'`, chosen to save memory) gets the memory-minimising schedule
+instead (train.py passes the config's attention to `configure`): TP-H-A4's
+training step at 384x288 then needs 0.7 GB of scratch per image instead of
+1.7 GB. Other runs keep the concurrent schedule, with which two of the
+three default training steps timed were 3-6% faster here
+(docs/performance.md). XLA reads its flags once per process, and only
+XLA_FLAGS can set this one: a per-program compiler option for it is
+accepted and ignored (jaxlib 0.10).
 
 `configure()` is called by the entry points (train.py, eval.py, the
 `python -m transpose_jax.*` tools, the benchmarks, the test suite), never on
@@ -21,8 +26,7 @@ when JAX_PLATFORMS names an accelerator first, nor (JAX_PLATFORMS unset)
 when a GPU or TPU plugin is installed. It only takes effect before JAX starts
 its CPU backend. A run whose XLA_FLAGS already set the YNNPACK fusion types
 keeps that choice; TRANSPOSE_JAX_YNNPACK_CONV=1 keeps YNNPACK for
-convolutions. Likewise a run whose XLA_FLAGS name the scheduler flag keeps
-its choice.
+convolutions.
 """
 
 from __future__ import annotations
@@ -82,19 +86,24 @@ def runs_on_cpu(environ=os.environ) -> bool:
   return not _accelerator_installed()
 
 
-def configure(environ=os.environ) -> bool:
-  """`use_eigen_convolutions` and `use_memory_minimizing_schedule` for a
-  process that computes on the CPU; returns whether XLA_FLAGS changed."""
+def configure(environ=os.environ, *, attention: str = 'full') -> bool:
+  """`use_eigen_convolutions` for a process that computes on the CPU, and
+  `use_memory_minimizing_schedule` too when it trains with `attention`
+  'blockwise' (`config.model.attention`); returns whether XLA_FLAGS changed.
+  Called again with the config's attention once the config is read (still
+  before JAX starts its backend), it adds only what is missing."""
   if not runs_on_cpu(environ):
     return False
-  convolutions = use_eigen_convolutions(environ)
-  return use_memory_minimizing_schedule(environ) or convolutions
+  changed = use_eigen_convolutions(environ)
+  if attention == 'blockwise':
+    changed = use_memory_minimizing_schedule(environ) or changed
+  return changed
 
 
 def use_memory_minimizing_schedule(environ=os.environ) -> bool:
   """Adds MEMORY_MINIMIZING_SCHEDULE to environ['XLA_FLAGS'] and returns True;
-  False (XLA_FLAGS untouched) when XLA_FLAGS already names the flag or the
-  installed jaxlib predates it."""
+  False (XLA_FLAGS untouched) when XLA_FLAGS already names the scheduler flag
+  (the user's choice stands) or the installed jaxlib predates it."""
   flags = environ.get('XLA_FLAGS', '')
   if SCHEDULER_FLAG in flags or _jaxlib_version() < _FIRST_JAXLIB:
     return False
