@@ -46,6 +46,10 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, ROOT)
 from transpose_jax.kernels import xla_cpu  # noqa: E402
 
+# Each step worker applies its own checkout's XLA:CPU settings to what the
+# user gave, not to this process's (a baseline from before a setting changed
+# must run without it).
+USER_XLA_FLAGS = os.environ.get('XLA_FLAGS')
 xla_cpu.configure()  # an entry point: before JAX starts its CPU backend
 
 import jax  # noqa: E402
@@ -77,6 +81,9 @@ class StepWorker:
     cache = os.path.join(tempfile.gettempdir(), 'transpose_jax_bench_cache',
                          hashlib.sha256(checkout.encode()).hexdigest()[:16])
     env = dict(os.environ, PYTHONPATH=checkout, JAX_COMPILATION_CACHE_DIR=cache)
+    env.pop('XLA_FLAGS', None)
+    if USER_XLA_FLAGS is not None:
+      env['XLA_FLAGS'] = USER_XLA_FLAGS
     self._log = tempfile.TemporaryFile(mode='w+')
     # -P: benchmarks/ is not on the path, where input_pipeline.py would
     # shadow the checkout's package of that name.

@@ -176,12 +176,18 @@ def at_image_size(config: ml_collections.ConfigDict, image_size: tuple[int, int]
   `IMAGE_SIZE` (written (w, h) in the official yacs configs). Every learned
   layer keeps its shape, so the official 256x192 checkpoints load into these
   configs with the table rebuilt (`checkpoints.official`; `python -m
-  transpose_jax.convert --config=configs/<variant>_384x288.py ...`). Attention
-  memory in training grows with L^2 (L = 6912 for TransPose-H at 384x288).
+  transpose_jax.convert --config=configs/<variant>_384x288.py ...`).
+
+  The encoder attention becomes blockwise (`kernels.blockwise`): the full
+  path's [N, heads, L, L] weights and dropout masks grow with L^2 (TP-H-A4 at
+  384x288, L = 6912: 3.5 GB of training-step scratch per image against 0.7
+  GB blockwise on XLA:CPU, docs/performance.md); masks, outputs and
+  gradients are the full path's within float32 rounding.
   """
   height, width = image_size
   config.model.image_size = (height, width)
   config.model.heatmap_size = (height // 4, width // 4)
+  config.model.attention = 'blockwise'
   config.variant = f'{config.variant}_{height}x{width}'
   return config
 

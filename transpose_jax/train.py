@@ -42,6 +42,7 @@ from transpose_jax.checkpoints import flat
 from transpose_jax.checkpoints import official
 from transpose_jax.input_pipeline import datasets
 from transpose_jax.input_pipeline import images
+from transpose_jax.kernels import xla_cpu
 from transpose_jax.training import trainer
 
 DEFAULT_CONFIG = cli.config_path('demo')
@@ -55,6 +56,8 @@ _WORKDIR = flags.DEFINE_string(
 
 def main(argv):
   del argv
+  # The config is read now; JAX's backend starts below.
+  xla_cpu.configure(attention=_CONFIG.value.model.attention)
   sharding.init_distributed()
   result = trainer.train(_CONFIG.value, _WORKDIR.value)
   if result.preempted:

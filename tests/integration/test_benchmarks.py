@@ -1,4 +1,5 @@
 """benchmarks/accelerator.py: one tiny row end to end, and the peak FLOP/s table;
+benchmarks/memory.py: both attention paths of a tiny model;
 benchmarks/eval_host.py: a small run against the committed post-processing."""
 
 import json
@@ -75,3 +76,30 @@ def test_eval_host_smoke_run():
   assert 'identical results: True' in out
   (rate,) = [line for line in out.splitlines() if line.startswith('postprocess crops/s=')]
   assert float(rate.split('=')[1]) > 0
+
+
+@pytest.mark.slow  # two whole-step compiles in a fresh process
+def test_memory_benchmark_reports_both_attention_paths():
+  """One line per attention path; the full path's program holds its [N,
+  heads, L, L] maps, the blockwise one no [L, L] array (tiny model: L = 768
+  tokens at 256x192, 2 heads; key blocks of 512)."""
+  out = subprocess.run(
+      [sys.executable, str(ROOT / 'benchmarks' / 'memory.py'),
+       '--config', 'tests/tiny_train_config.py', '--image_size', '256,192', '--batch', '2'],
+      cwd=ROOT, check=True, capture_output=True, text=True, timeout=300).stdout
+  rows = {}
+  for line in out.splitlines():
+    if line.startswith('#'):
+      continue
+    head, *fields = line.split()
+    assert head == 'train_step'
+    values = dict(f.split('=') for f in fields)
+    attention = values.pop('attention')
+    rows[attention] = {k: int(v) for k, v in values.items()}
+  assert set(rows) == {'full', 'blockwise'}
+  for row in rows.values():
+    assert row['tokens'] == 768 and row['square_map_bytes'] == 768 * 768 * 4
+    assert row['bytes_per_image'] * 2 == row['temp_bytes'] > 0
+  assert rows['full']['largest_array_bytes'] >= 2 * 2 * 768 * 768 * 4     # [N, heads, L, L]
+  assert rows['full']['square_arrays'] > 0 and rows['blockwise']['square_arrays'] == 0
+  assert rows['blockwise']['temp_bytes'] < rows['full']['temp_bytes']

@@ -98,3 +98,42 @@ def test_the_setting_takes_convolutions_off_ynnpack():
   # The control: without the setting this jaxlib does give the convolution to
   # YNNPACK, so the assertion above can fail.
   assert '__ynn_fusion' in compiled(False)
+
+
+@pytest.mark.skipif(not NEW_ENOUGH, reason='jaxlib predates the scheduler flag')
+def test_memory_minimizing_schedule_for_blockwise_training_on_cpu():
+  environ = {'JAX_PLATFORMS': 'cpu'}
+  assert xla_cpu.configure(environ, attention='blockwise')
+  assert environ['XLA_FLAGS'] == (f'{xla_cpu.EIGEN_CONVOLUTIONS} '
+                                  f'{xla_cpu.MEMORY_MINIMIZING_SCHEDULE}')
+  # Called again once the config is read: only what is missing is added.
+  environ = {'JAX_PLATFORMS': 'cpu'}
+  assert xla_cpu.configure(environ) and not xla_cpu.configure(environ, attention='full')
+  assert xla_cpu.configure(environ, attention='blockwise')
+  assert environ['XLA_FLAGS'].split() == [xla_cpu.EIGEN_CONVOLUTIONS,
+                                          xla_cpu.MEMORY_MINIMIZING_SCHEDULE]
+  # Not for an accelerator process, nor against the user's XLA_FLAGS.
+  environ = {'JAX_PLATFORMS': 'cuda'}
+  assert not xla_cpu.configure(environ, attention='blockwise') and 'XLA_FLAGS' not in environ
+  mine = '--xla_cpu_enable_concurrency_optimized_scheduler=true'
+  environ = {'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': mine}
+  xla_cpu.configure(environ, attention='blockwise')
+  assert environ['XLA_FLAGS'] == f'{mine} {xla_cpu.EIGEN_CONVOLUTIONS}'
+
+
+@pytest.mark.skipif(not NEW_ENOUGH, reason='jaxlib predates the scheduler flag')
+def test_train_sets_the_schedule_before_jax_starts(monkeypatch):
+  """train.py's main reads the config's attention before any backend exists
+  (XLA reads XLA_FLAGS once, when the first one starts)."""
+  code = ('import os, sys\n'
+          'from jax._src import xla_bridge\n'
+          'from transpose_jax import train\n'
+          'def fake_init():\n'
+          "  print(xla_bridge.backends_are_initialized(), os.environ.get('XLA_FLAGS'))\n"
+          '  sys.exit(0)\n'
+          'train.sharding.init_distributed = fake_init\n'
+          "sys.argv = [sys.argv[0], '--config=configs/tp_h_a4_384x288.py', '--workdir=unused']\n"
+          'train.run()\n')
+  initialized, flags = _python(code, JAX_PLATFORMS='cpu').split(' ', 1)
+  assert initialized == 'False'
+  assert flags.split() == [xla_cpu.EIGEN_CONVOLUTIONS, xla_cpu.MEMORY_MINIMIZING_SCHEDULE]
