@@ -52,18 +52,20 @@ _BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2,
           's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8}
 
 
-def largest_array_bytes(hlo_text: str) -> int:
-  """Bytes of the largest array shape written in an HLO module's text."""
-  largest = 0
-  for dtype, dims in _ARRAY.findall(hlo_text):
-    largest = max(largest, math.prod(int(d) for d in dims.split(',') if d) * _BYTES[dtype])
-  return largest
+def array_shapes(hlo_text: str) -> list[tuple[str, tuple[int, ...]]]:
+  """(dtype, dimensions) of every array shape written in an HLO module's text."""
+  return [(dtype, tuple(int(d) for d in dims.split(',') if d))
+          for dtype, dims in _ARRAY.findall(hlo_text)]
 
 
-def square_arrays(hlo_text: str, length: int) -> int:
-  """How many array shapes in an HLO module's text have two dimensions of `length`."""
-  return sum(1 for _, dims in _ARRAY.findall(hlo_text)
-             if [int(d) for d in dims.split(',') if d].count(length) >= 2)
+def largest_array_bytes(shapes) -> int:
+  """Bytes of the largest of `array_shapes`."""
+  return max((math.prod(dims) * _BYTES[dtype] for dtype, dims in shapes), default=0)
+
+
+def square_arrays(shapes, length: int) -> int:
+  """How many of `array_shapes` have two dimensions of `length`."""
+  return sum(1 for _, dims in shapes if dims.count(length) >= 2)
 
 
 def step_memory(config, attention: str) -> dict[str, int]:
@@ -74,10 +76,10 @@ def step_memory(config, attention: str) -> dict[str, int]:
   compiled = step.lower(*args).compile()
   temp = int(compiled.memory_analysis().temp_size_in_bytes)
   tokens = math.prod(models.feature_hw(config.model))
-  hlo = compiled.as_text()
+  shapes = array_shapes(compiled.as_text())
   return dict(bytes_per_image=temp // config.batch_size, temp_bytes=temp, tokens=tokens,
-              largest_array_bytes=largest_array_bytes(hlo), square_map_bytes=tokens * tokens * 4,
-              square_arrays=square_arrays(hlo, tokens))
+              largest_array_bytes=largest_array_bytes(shapes),
+              square_map_bytes=tokens * tokens * 4, square_arrays=square_arrays(shapes, tokens))
 
 
 def main(argv=None) -> None:

@@ -104,11 +104,7 @@ def use_memory_minimizing_schedule(environ=os.environ) -> bool:
   """Adds MEMORY_MINIMIZING_SCHEDULE to environ['XLA_FLAGS'] and returns True;
   False (XLA_FLAGS untouched) when XLA_FLAGS already names the scheduler flag
   (the user's choice stands) or the installed jaxlib predates it."""
-  flags = environ.get('XLA_FLAGS', '')
-  if SCHEDULER_FLAG in flags or _jaxlib_version() < _FIRST_JAXLIB:
-    return False
-  environ['XLA_FLAGS'] = f'{flags} {MEMORY_MINIMIZING_SCHEDULE}'.strip()
-  return True
+  return _add_flag(environ, SCHEDULER_FLAG, MEMORY_MINIMIZING_SCHEDULE)
 
 
 def use_eigen_convolutions(environ=os.environ) -> bool:
@@ -119,10 +115,17 @@ def use_eigen_convolutions(environ=os.environ) -> bool:
   - TRANSPOSE_JAX_YNNPACK_CONV is set to 1;
   - the installed jaxlib predates the flag.
   """
+  if environ.get('TRANSPOSE_JAX_YNNPACK_CONV') == '1':
+    return False
+  return _add_flag(environ, FLAG, EIGEN_CONVOLUTIONS)
+
+
+def _add_flag(environ, name: str, setting: str) -> bool:
+  """Appends `setting` to environ['XLA_FLAGS'] and returns True, unless
+  XLA_FLAGS already names `name` (the user's choice stands) or the
+  installed jaxlib predates the flags."""
   flags = environ.get('XLA_FLAGS', '')
-  if FLAG in flags or environ.get('TRANSPOSE_JAX_YNNPACK_CONV') == '1':
+  if name in flags or _jaxlib_version() < _FIRST_JAXLIB:
     return False
-  if _jaxlib_version() < _FIRST_JAXLIB:
-    return False
-  environ['XLA_FLAGS'] = f'{flags} {EIGEN_CONVOLUTIONS}'.strip()
+  environ['XLA_FLAGS'] = f'{flags} {setting}'.strip()
   return True
