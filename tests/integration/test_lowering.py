@@ -14,7 +14,8 @@ The same modules show the precision of `config.model.precision` on every
 convolution and matrix product: HIGHEST in the evaluation forward ('auto'),
 none (XLA's default) in the training step unless asked for. And the training
 step for 8 devices (`benchmarks/collectives.py`, in a process with 8
-simulated devices) has two collectives per synchronised BatchNorm.
+simulated devices) has two collectives per synchronised BatchNorm. The
+device half of the evaluation's decoding compares the maps' bits, not floats.
 
 Nothing here runs or compiles: shapes only (`models.build(abstract=True)`).
 """
@@ -35,6 +36,7 @@ from flax import nnx
 from transpose_jax import models
 from transpose_jax import sharding
 from transpose_jax.checkpoints import official
+from transpose_jax.evaluation import evaluate
 from transpose_jax.evaluation import forward
 from transpose_jax.models import layers
 from transpose_jax.training import trainer
@@ -170,3 +172,20 @@ def test_partitioned_step_has_at_most_one_all_reduce_per_batchnorm(tmp_path):
   bn = _batch_norm_layers('tp_r_a3')
   counts = _collectives('tp_r_a3', tmp_path, '--compile')['partitioned']
   assert counts['all_reduce'] <= bn + 4 and counts['all_gather'] <= bn
+
+
+def test_device_peak_statistics_compare_bits_not_floats():
+  """The device half of the evaluation's decoding (`evaluate._for_decoding`
+  with `decode.peak_statistics`) lowers for the accelerators with every
+  comparison and maximum on integers (the maps' bits): an accelerator that
+  flushes denormal floats in float comparisons computes the same maxima as
+  numpy on the host. The windows are gathers (copies) of float32 values."""
+  heatmaps = jax.ShapeDtypeStruct((BATCH, 64, 48, 17), jnp.float32)
+  module = export.export(evaluate._for_decoding, platforms=ACCELERATORS)(  # pylint: disable=protected-access
+      heatmaps, with_peaks=True).mlir_module()
+  lines = module.splitlines()
+  for op in ('compare', 'maximum', 'minimum', 'select'):
+    on_floats = [l.strip() for l in lines if f'stablehlo.{op} ' in l and 'f32' in l]
+    assert not on_floats, on_floats[:3]
+  assert sum('stablehlo.compare ' in l for l in lines) > 0
+  assert sum('"stablehlo.gather"' in l or 'stablehlo.gather ' in l for l in lines) >= 2

@@ -105,6 +105,31 @@ def test_gt_boxes_end_to_end(model, coco_root, tmp_path):
         atol=1e-3)
 
 
+def test_device_peak_statistics_change_no_prediction(model, coco_root, monkeypatch):
+  """Accelerators hand the host `decode.peak_statistics` with the heatmaps
+  (the host reads less of each map); CPU devices do not. Forced on here, the
+  loop's predictions are bit-identical to the host-only ones."""
+  config = _config(coco_root)
+  split = splits.build_split(config, train=False)
+  given = []
+  decode_heatmaps = decode.decode_heatmaps
+
+  def spy(*args, peaks=None, **kwargs):
+    given.append(peaks is not None)
+    return decode_heatmaps(*args, peaks=peaks, **kwargs)
+
+  monkeypatch.setattr(decode, 'decode_heatmaps', spy)
+  outs = []
+  for on in (False, True):
+    monkeypatch.setattr(evaluate, 'device_peak_statistics', lambda mesh, on=on: on)
+    given.clear()
+    outs.append(evaluate.run_inference(model, config, split))
+    assert given and all(g == on for g in given)
+  for key in ('index', 'preds', 'maxvals', 'unreadable'):
+    np.testing.assert_array_equal(outs[1][key], outs[0][key])
+  assert np.isfinite(outs[1]['preds']).all() and len(outs[1]['index']) == 12
+
+
 def test_detection_boxes(model, coco_root, data_dir, tmp_path):
   det = data_dir / 'coco_sample' / 'test_coco_det_AP_H_56.json'
   config = _config(coco_root, use_gt_bbox=False, detection_file=str(det),

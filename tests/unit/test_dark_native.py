@@ -5,6 +5,7 @@ import pathlib
 import sys
 
 import cv2
+import jax
 import numpy as np
 import pytest
 
@@ -89,26 +90,144 @@ def _special_maps(rng, h, w):
   return np.stack(maps + [nan, inf, neg_inf, negzero])
 
 
-def _assert_same(maps):
+def _peaks(maps):
+  """decode.peak_statistics of maps [M, h, w] as the host gets them."""
+  return tuple(np.asarray(a) for a in jax.jit(decode.peak_statistics)(maps))
+
+
+def _assert_same(maps, peaks=None):
   want = decode._dark_python(maps, 11)  # pylint: disable=protected-access
-  got = decode._dark(maps, 11)  # pylint: disable=protected-access
+  got = decode._dark(maps, 11, peaks)  # pylint: disable=protected-access
   for g, w in zip(got, want):
     assert g.dtype == w.dtype
     np.testing.assert_array_equal(g.view(np.int32), w.view(np.int32))
 
 
+@pytest.mark.parametrize('with_peaks', [False, True])
 @pytest.mark.parametrize('shape', [(64, 48), (96, 72), (12, 9), (5, 5),
                                    (64, 44)])
-def test_dark_is_the_python_path_on_special_maps(variant, shape):
+def test_dark_is_the_python_path_on_special_maps(variant, shape, with_peaks):
   del variant
   rng = np.random.default_rng(sum(shape))
-  _assert_same(_special_maps(rng, *shape))
+  maps = _special_maps(rng, *shape)
+  _assert_same(maps, _peaks(maps) if with_peaks else None)
 
 
-def test_dark_is_the_python_path_on_the_benchmark_batch(variant):
+@pytest.mark.parametrize('with_peaks', [False, True])
+def test_dark_is_the_python_path_on_the_benchmark_batch(variant, with_peaks):
   del variant
-  heatmaps = eval_host.make_batch(96, 20, seed=3)[0]
-  _assert_same(heatmaps.reshape(-1, 64, 48))
+  maps = eval_host.make_batch(96, 20, seed=3)[0].reshape(-1, 64, 48)
+  _assert_same(maps, _peaks(maps) if with_peaks else None)
+
+
+def _numpy_peak_statistics(maps):
+  """stats of decode.peak_statistics in numpy floats (maps with a positive
+  maximum): argmax, the largest value outside the core box, its first
+  occurrence there, the largest value outside both boxes."""
+  m, h, w = maps.shape
+  core = decode._CORE  # pylint: disable=protected-access
+  yy, xx = np.mgrid[:h, :w]
+
+  def box(index):
+    cy, cx = np.divmod(index, w)
+    return ((abs(yy - cy[:, None, None]) <= core)
+            & (abs(xx - cx[:, None, None]) <= core))
+
+  first = maps.reshape(m, -1).argmax(axis=1)
+  beyond_first = np.where(box(first), -np.inf, maps)
+  second = beyond_first.reshape(m, -1).argmax(axis=1)
+  beyond_both = np.where(box(second), -np.inf, beyond_first)
+  return (first, np.maximum(beyond_first.max(axis=(1, 2)), 0), second,
+          np.maximum(beyond_both.max(axis=(1, 2)), 0))
+
+
+def test_peak_statistics_are_numpys_maxima_and_rests():
+  """The device's statistics: np.argmax (first maximum), the largest value
+  outside its core box (at least +0.0) and where it first occurs there, the
+  largest value outside both boxes, and the windows around both maxima,
+  also where values are denormal (compared as bits: exact where an
+  accelerator flushes them); index -1 for maps holding a NaN or an
+  infinity."""
+  rng = np.random.default_rng(11)
+  maps = np.concatenate([
+      eval_host.make_batch(8, 4, seed=2)[0].reshape(-1, 64, 48),
+      _special_maps(rng, 64, 48)])
+  maps[0] *= 1e-39                    # all denormal
+  maps[1, 30, 20] = maps[1].max()     # a tie after the first maximum
+  maps[2, 50, 40] = maps[2, 5, 5] = maps[2].max() * 0.7  # a tie for second
+  stats, first_window, second_window = _peaks(maps)
+  assert stats.dtype == np.int32 and first_window.dtype == np.float32
+  finite = np.isfinite(maps).all(axis=(1, 2))
+  np.testing.assert_array_equal(stats[~finite, 0], -1)
+  keep = finite & (maps.max(axis=(1, 2)) > 0)  # numpy: -0.0 == +0.0
+  first, rest, second, rest2 = _numpy_peak_statistics(maps[keep])
+  np.testing.assert_array_equal(stats[keep, 0], first)
+  np.testing.assert_array_equal(stats[keep, 1].view(np.float32), rest)
+  np.testing.assert_array_equal(stats[keep, 2], second)
+  np.testing.assert_array_equal(stats[keep, 3].view(np.float32), rest2)
+  padded = np.pad(maps[keep], ((0, 0), (10, 10), (10, 11)))
+  for i, points in enumerate(zip(first, second)):
+    for windows, at in zip((first_window, second_window), points):
+      y, x = divmod(int(at), 48)  # rows y - 10 .. y + 10, columns x - 10 .. x + 11
+      np.testing.assert_array_equal(windows[keep][i].view(np.int32),
+                                    padded[i, y:y + 21, x:x + 22].view(np.int32))
+
+
+def test_statistics_that_do_not_fit_the_maps_change_nothing(variant):
+  """Statistics the C path can check cheaply and that do not hold (a
+  maximum one pixel off, of the flipped map, beyond the map, a rest not a
+  float in [0, inf) or not below the maximum, -1 for a finite map, a second
+  maximum in the first box or not the window's, windows of other maps or
+  rows): those maps are scanned, the results stay the Python path's."""
+  del variant
+  maps = eval_host.make_batch(16, 4, seed=7)[0].reshape(-1, 64, 48)
+  stats, first_window, second_window = _peaks(maps)
+  n = len(maps)
+  rng = np.random.default_rng(3)
+  first = stats[:, 0]
+
+  def column(j, values):
+    out = stats.copy()
+    out[:, j] = values
+    return out
+
+  right = decode.PeakStatistics(stats, first_window, second_window)
+  for wrong in [
+      dict(stats=column(0, first + 1)), dict(stats=column(0, first - 48)),
+      dict(stats=column(0, 64 * 48 - 1 - first)),
+      dict(stats=column(0, 64 * 48)),
+      dict(stats=column(1, -5)), dict(stats=column(1, 0x7fc00000)),
+      dict(stats=column(1, np.float32(2.0).view(np.int32))),
+      dict(stats=column(0, -1)),
+      dict(stats=column(1, rng.integers(-2**31, 2**31 - 1, n))),
+      dict(stats=column(2, first)), dict(stats=column(2, first + 1)),
+      dict(stats=column(2, stats[:, 2] + 48)), dict(stats=column(3, -7)),
+      dict(stats=column(3, stats[:, 1] + 1)),
+      dict(first_window=np.roll(first_window, 1, axis=0)),   # other maps'
+      dict(second_window=np.roll(second_window, 1, axis=0)),
+      dict(first_window=second_window, second_window=first_window),
+      dict(first_window=np.roll(first_window, 1, axis=1)),   # one row off
+      dict(first_window=first_window * np.float32(1.0000001)),  # not the map's
+      dict(second_window=second_window * np.float32(1.0000001))]:
+    _assert_same(maps, decode.PeakStatistics(*(
+        np.ascontiguousarray(a, b.dtype) for a, b in zip(right._replace(**wrong), right))))
+
+
+def test_decode_checks_the_peak_statistics_layout():
+  heatmaps = eval_host.make_batch(4, 2, seed=1)[0]
+  stats, first, second = _peaks(heatmaps)
+  center, scale = np.zeros((4, 2), np.float32), np.ones((4, 2), np.float32)
+  want = decode.decode_heatmaps(heatmaps, center, scale, channels_first=True)
+  got = decode.decode_heatmaps(heatmaps, center, scale, channels_first=True,
+                               peaks=(stats, first, second))
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g, w)
+  for bad in [(stats[:2], first, second), (stats.astype(np.int64), first, second),
+              (stats.view(np.float32), first, second), (stats, first[..., :20], second),
+              (stats, first, second.astype(np.float64)), (stats[..., :2], first, second)]:
+    with pytest.raises(ValueError, match='peak_statistics'):
+      decode.decode_heatmaps(heatmaps, center, scale, channels_first=True,
+                             peaks=bad)
 
 
 def test_off_switch(monkeypatch, variant):
@@ -167,14 +286,17 @@ def test_newton_step_is_numpys(variant):
 
 def test_plain_build_is_the_python_path(variant):
   """The baseline build (no AVX2 intrinsics; what CPUs without AVX2 + FMA
-  run) gives the same results too."""
+  run) gives the same results too, with and without the device's
+  statistics."""
   del variant
   lib = dark_native._library()  # pylint: disable=protected-access
   lib.dark_set_plain(1)
   try:
     rng = np.random.default_rng(9)
-    _assert_same(_special_maps(rng, 64, 48))
-    _assert_same(eval_host.make_batch(24, 20, seed=4)[0].reshape(-1, 64, 48))
+    for maps in (_special_maps(rng, 64, 48),
+                 eval_host.make_batch(24, 20, seed=4)[0].reshape(-1, 64, 48)):
+      _assert_same(maps)
+      _assert_same(maps, _peaks(maps))  # windows unused: the maps are read
   finally:
     lib.dark_set_plain(0)
 

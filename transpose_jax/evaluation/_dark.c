@@ -10,6 +10,16 @@
  * float32 operations of decode._refine), for numpy's log (decode.py) and
  * the Newton step after it (dark_newton).
  *
+ * With the device's `peak_statistics` (decode.py, computed with the
+ * forward: each map's first maximum, the largest value outside its core
+ * box, where that value first occurs (the second maximum) and the largest
+ * value beyond both boxes, and windows of the map around the two maxima),
+ * a map is read at its maximum only, the regions are blurred from the
+ * windows: reading whole maps from memory was most of dark_maps' time
+ * (~0.6x the time per map out of the caches here). Maps the two regions do
+ * not settle are blurred whole as without them; statistics that do not fit
+ * the map where that is cheap to see send it the scanning way.
+ *
  * The blur is cv2.GaussianBlur of the zero-padded map in a float64 canvas as
  * OpenCV 5 runs it for CV_64F (a separable filter, RowFilter then
  * SymmColumnFilter): per output pixel, the row pass
@@ -36,6 +46,18 @@
 #define MAX_REGION 8
 #define MAX_PATCH (2 * (MAX_REGION + MAX_RADIUS) + 1)
 #define MAX_WIDTH 1024
+/* `peak_statistics` windows (decode.py): rows cy - 10 .. cy + 10, columns
+ * cx - 10 .. cx + 11 of a map around a maximum (cy, cx): what
+ * region_blur_11_5 reads */
+#define WINDOW_ROWS 21
+#define WINDOW_COLS 22
+#define WINDOW (WINDOW_ROWS * WINDOW_COLS)
+/* columns of a map's `peak_statistics` stats: the flat index of its first
+ * maximum (-1: the map holds a NaN or an infinity), the bits of max(+0.0,
+ * the largest value outside its core box), the flat index of that value's
+ * first occurrence outside the box, the bits of max(+0.0, the largest value
+ * outside both boxes) */
+enum { FIRST = 0, FIRST_REST = 1, SECOND = 2, SECOND_REST = 3 };
 
 /* status of a map */
 enum {
@@ -45,7 +67,7 @@ enum {
   REFINED_WHOLE = 3  /* as REFINED, the map was blurred whole */
 };
 
-int dark_abi_version(void) { return 6; }
+int dark_abi_version(void) { return 10; }
 
 static inline __attribute__((always_inline)) double row_step(
     double s, double k, double x, int fused) {
@@ -328,10 +350,13 @@ __attribute__((target("avx2,fma"))) static int scan_rows_avx2(
 
 #if defined(__x86_64__) || defined(__i386__)
 /* region_blur for kernel 11 and region 5, in AVX2: the same operations per
- * pixel (fma: _mm256_fmadd_pd, one rounding as fma()); stencil may be NULL. */
+ * pixel (fma: _mm256_fmadd_pd, one rounding as fma()); stencil may be NULL.
+ * window: NULL, or the map's pixels (cy - 10 .. cy + 10, cx - 10 .. cx + 11)
+ * as [WINDOW_ROWS, WINDOW_COLS] floats, zeros beyond the map (the device's,
+ * `peak_statistics`): read instead of the map. */
 __attribute__((target("avx2,fma"))) static float region_blur_11_5(
     const float *map, int h, int w, int cy, int cx, const double *k,
-    int variant, float *stencil, struct ahead *next) {
+    int variant, float *stencil, struct ahead *next, const float *window) {
   __m256d t[21][3];
   __m256d kv[11];
   for (int j = 0; j < 11; j++) kv[j] = _mm256_set1_pd(k[j]);
@@ -345,7 +370,13 @@ __attribute__((target("avx2,fma"))) static float region_blur_11_5(
     double *row = rows[i];
     if (y < 0 || y >= h) continue;
     const float *src = map + (long)y * w;
-    if (inside_x) {
+    if (window) {
+      const float *at = window + i * WINDOW_COLS;
+      for (int j = 0; j < 20; j += 4)
+        _mm256_storeu_pd(row + j, _mm256_cvtps_pd(_mm_loadu_ps(at + j)));
+      row[20] = at[20];
+      row[21] = at[21];
+    } else if (inside_x) {
       for (int j = 0; j < 20; j += 4)
         _mm256_storeu_pd(row + j, _mm256_cvtps_pd(_mm_loadu_ps(src + x0 + j)));
       row[20] = src[x0 + 20];
@@ -595,6 +626,71 @@ __attribute__((target("avx2,fma"))) static float whole_blur_11(
 }
 #endif
 
+/* Whether dark_maps can take a map's maximum from `peak_statistics` (the
+ * device's, decode.py): index -1 (the map holds a NaN or an infinity: the
+ * Python path), or an index in the map whose value is a normal float > 0
+ * (the device compared the values' bits as integers, which orders those as
+ * numpy does; a maximum <= 0 or below FLT_MIN goes the scanning way, as
+ * without statistics), above `outside` (a float in [0, inf); a tie outside
+ * the core box could be an earlier maximum) and the first maximum of its
+ * core box, and, with a window, the window's centre (bit for bit) and core
+ * box are the map's there: statistics of other maps or of another layout
+ * show here. Anything else: the map is scanned as without statistics. */
+static inline int given_peak_usable(const float *map, int h, int w, int core,
+                                    int32_t index, int32_t outside,
+                                    const float *window) {
+  if (index < 0) return index == -1;
+  if ((long)index >= (long)h * w) return 0;
+  if (outside < 0 || outside >= 0x7f800000) return 0;
+  float peak = map[index], rest;
+  memcpy(&rest, &outside, 4);
+  if (!(peak >= 1.17549435e-38f && peak < INFINITY && rest < peak)) return 0;
+  int cy = index / w, cx = index % w;
+  if (window && (core > 10 || memcmp(&peak, window + 10 * WINDOW_COLS + 10, 4)))
+    return 0;
+  for (int y = cy - core; y <= cy + core; y++) {
+    if (y < 0 || y >= h) continue;
+    for (int x = cx - core; x <= cx + core; x++) {
+      if (x < 0 || x >= w) continue;
+      float v = window ? window[(y - cy + 10) * WINDOW_COLS + x - cx + 10]
+                       : map[(long)y * w + x];
+      if (!(v < peak || (v == peak && (long)y * w + x >= index))) return 0;
+    }
+  }
+  return 1;
+}
+
+/* Whether the device's second maximum can stand for the scan's (its value
+ * `raw` a normal float > 0 (the first maximum's FIRST_REST): there the
+ * device's first maximum outside the box, compared as integers, is
+ * outside_max's), outside the first core box, with the window's centre
+ * (bit for bit) and a SECOND_REST in [0, raw]. */
+static inline int given_second_usable(int h, int w, int core, int cy, int cx,
+                                      float raw, const int32_t *stat,
+                                      const float *window) {
+  int32_t second = stat[SECOND], beyond = stat[SECOND_REST], bits;
+  if (!(raw >= 1.17549435e-38f && raw < INFINITY)) return 0;
+  if (second < 0 || (long)second >= (long)h * w) return 0;
+  int sy = second / w, sx = second % w;
+  if (abs(sy - cy) <= core && abs(sx - cx) <= core) return 0;
+  memcpy(&bits, &raw, 4);
+  if (memcmp(&bits, window + 10 * WINDOW_COLS + 10, 4)) return 0;
+  return beyond >= 0 && beyond <= bits;
+}
+
+/* Prefetches of the next map's rows within `reach` of its maximum (what
+ * its first region reads), spread over this map's work by pump(). */
+static inline void next_region(struct ahead *next, const float *map,
+                               int32_t index, int h, int w, int reach) {
+  next->at = next->end = NULL;
+  if (map == NULL || index < 0 || (long)index >= (long)h * w) return;
+  int cy = index / w;
+  int y0 = cy - reach > 0 ? cy - reach : 0;
+  int y1 = cy + reach + 1 < h ? cy + reach + 1 : h;
+  next->at = (const char *)(map + (long)y0 * w);
+  next->end = (const char *)(map + (long)y1 * w);
+}
+
 static inline double beyond_bound(double rest, const double *peaks, int n,
                                   double total, double weight) {
   double bound = rest * total;
@@ -620,17 +716,21 @@ static inline void scaled_column(const float *stencil, float maxval,
   }
 }
 
-/* Everything `decode._dark` needs from the blur, for m maps [m, h, w].
- * Outputs per map: status (see the enum), coords[2] (x, y of the first
- * maximum, float32; 0 for PYTHON) and maxval; for the refined maps, in map
+/* Everything `decode._dark` needs from the blur, for m maps [m, h, w]
+ * (peak_stats [m, 4], first_windows and second_windows [m, WINDOW]: NULL,
+ * or the device's `peak_statistics` of the maps). Outputs per map: status
+ * (see the enum), coords[2] (x, y of the first maximum, float32; 0 for
+ * PYTHON) and maxval; for the refined maps, in map
  * order, their index (refined) and their stencil for the log (scaled, a
  * [25, m] array: column j for refined[j]); count: how many. Returns the
  * number of maps blurred whole. */
 static inline __attribute__((always_inline)) long dark_maps_impl(
     const float *maps, long m, int h, int w, const double *k,
     int ksize, int region, int core, double total, double weight,
-    int variant, double *work, int8_t *status, float *coords, float *maxval,
-    int64_t *refined, float *scaled, int64_t *count, int vector) {
+    int variant, const int32_t *peak_stats, const float *first_windows,
+    const float *second_windows, double *work, int8_t *status, float *coords,
+    float *maxval, int64_t *refined, float *scaled, int64_t *count,
+    int vector) {
   long whole = 0, done = 0;
   float stencil[25];
   struct ahead next = {(const char *)maps, (const char *)maps};
@@ -639,34 +739,69 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
   int usable = ksize % 2 == 1 && radius <= MAX_RADIUS && region >= 2 &&
                region <= MAX_REGION && h <= 4096 && w <= MAX_WIDTH &&
                h > 2 * core + 1 && w > 2 * core + 1;
+  /* the device's windows: for the AVX2 blur of kernel 11, region 5 */
+  int windows = vector && ksize == 11 && region == 5 && w % 8 == 0 &&
+                first_windows != NULL && second_windows != NULL;
+  if (peak_stats != NULL && m > 0 && !windows)
+    next_region(&next, maps, peak_stats[FIRST], h, w, region + radius);
   for (long i = 0; i < m; i++) {
     const float *map = maps + i * (long)h * w;
     status[i] = PYTHON;
     coords[2 * i] = coords[2 * i + 1] = 0.0f;
     if (!usable) continue;
-    /* The next map's lines; those this map's work leaves (maps that stop
-     * early) its own scan loads. */
     const char *following = (const char *)(map + (long)h * w);
-    if (next.at < following) next.at = following;
-    next.end = i + 1 < m ? following + sizeof(float) * h * w : following;
-    if ((vector ? scan_rows_avx2 : scan_rows)(map, h, w, rowmax, &next))
-      continue;  /* NaN / inf */
-    float peak = rowmax[0];
-    int cy = 0;
+    float peak;
+    int cy = 0, cx = 0;
+    const int32_t *stat = peak_stats ? peak_stats + 4 * i : NULL;
+    const float *window = windows ? first_windows + i * WINDOW : NULL;
+    if (windows && i + 2 < m) {
+      /* Two maps ahead: the first window (sequential, but the hardware's
+       * prefetcher stops at page boundaries) and the maximum's line; ~20%
+       * of dark_maps' time on maps out of the caches (distance 1: the
+       * same; a third of that with the second windows too: more bytes). */
+      const char *ahead = (const char *)(first_windows + (i + 2) * WINDOW);
+      for (int at = 0; at < (int)sizeof(float) * WINDOW; at += 64)
+        __builtin_prefetch(ahead + at, 0, 3);
+      int32_t top = peak_stats[4 * (i + 2) + FIRST];
+      if (top >= 0 && (long)top < (long)h * w)
+        __builtin_prefetch(maps + (i + 2) * (long)h * w + top, 0, 3);
+    }
+    /* rows_known: rowmax holds this map's row maxima (scanned) */
+    int rows_known = stat == NULL || !given_peak_usable(
+        map, h, w, core, stat[FIRST], stat[FIRST_REST], window);
+    if (!rows_known) {
+      if (stat[FIRST] < 0) continue;  /* NaN / inf: Python */
+      /* The next map's lines around its maximum (the region's rows). */
+      if (window)
+        next.at = next.end = NULL;  /* prefetched above */
+      else
+        next_region(&next, i + 1 < m ? (const float *)following : NULL,
+                    i + 1 < m ? stat[4 + FIRST] : -1, h, w, region + radius);
+      cy = stat[FIRST] / w;
+      cx = stat[FIRST] % w;
+      peak = map[stat[FIRST]];
+    } else {
+      /* The next map's lines; those this map's work leaves (maps that stop
+       * early) its own scan loads. */
+      if (next.at < following) next.at = following;
+      next.end = i + 1 < m ? following + sizeof(float) * h * w : following;
+      if ((vector ? scan_rows_avx2 : scan_rows)(map, h, w, rowmax, &next))
+        continue;  /* NaN / inf */
+      peak = rowmax[0];
 #if defined(__x86_64__) || defined(__i386__)
-    if (vector) {  /* the first row holding the maximum */
-      peak = rows_max_avx2(rowmax, 1, h, peak);
-      while (rowmax[cy] != peak) cy++;
-    } else
+      if (vector) {  /* the first row holding the maximum */
+        peak = rows_max_avx2(rowmax, 1, h, peak);
+        while (rowmax[cy] != peak) cy++;
+      } else
 #endif
-      for (int y = 1; y < h; y++)
-        if (rowmax[y] > peak) {
-          peak = rowmax[y];
-          cy = y;
-        }
-    if (!(peak > 0)) continue;  /* np.max's sign of a zero: Python */
-    int cx = 0;
-    while (map[(long)cy * w + cx] != peak) cx++;
+        for (int y = 1; y < h; y++)
+          if (rowmax[y] > peak) {
+            peak = rowmax[y];
+            cy = y;
+          }
+      if (!(peak > 0)) continue;  /* np.max's sign of a zero: Python */
+      while (map[(long)cy * w + cx] != peak) cx++;
+    }
     coords[2 * i] = (float)cx;
     coords[2 * i + 1] = (float)cy;
     maxval[i] = peak;
@@ -676,9 +811,21 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
     }
     int ys[2] = {cy, 0}, xs[2] = {cx, 0};
     float best, raw;
+    if (!rows_known) {  /* the largest value outside the core box: given */
 #if defined(__x86_64__) || defined(__i386__)
-    if (vector && ksize == 11 && region == 5 && w % 8 == 0) {
-      best = region_blur_11_5(map, h, w, cy, cx, k, variant, stencil, &next);
+      if (vector && ksize == 11 && region == 5 && w % 8 == 0)
+        best = region_blur_11_5(map, h, w, cy, cx, k, variant, stencil, &next,
+                                window);
+      else
+#endif
+        best = region_blur(map, h, w, cy, cx, region, k, ksize, variant,
+                           stencil);
+      memcpy(&raw, &stat[FIRST_REST], 4);
+    }
+#if defined(__x86_64__) || defined(__i386__)
+    else if (vector && ksize == 11 && region == 5 && w % 8 == 0) {
+      best = region_blur_11_5(map, h, w, cy, cx, k, variant, stencil, &next,
+                              NULL);
       raw = core_rows_rest(map, h, w, cy, cx, core);
       raw = rows_max_avx2(rowmax, 0, cy - core > 0 ? cy - core : 0, raw);
       raw = rows_max_avx2(rowmax, cy + core + 1 < h ? cy + core + 1 : h, h,
@@ -699,6 +846,35 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
       scaled_column(stencil, peak, best, scaled, m, done++);
       continue;
     }
+#if defined(__x86_64__) || defined(__i386__)
+    if (!rows_known && window &&
+        given_second_usable(h, w, core, cy, cx, raw, stat,
+                            second_windows + i * WINDOW)) {
+      /* the second region and what lies beyond both boxes: given too */
+      int sy = stat[SECOND] / w, sx = stat[SECOND] % w;
+      float best2 = region_blur_11_5(map, h, w, sy, sx, k, variant, NULL,
+                                     &next, second_windows + i * WINDOW);
+      if (best2 > best) best = best2;
+      float raw2;
+      memcpy(&raw2, &stat[SECOND_REST], 4);
+      rest = raw2 > 0 ? (double)raw2 : 0.0;
+      bound = beyond_bound(rest, peaks, 2, total, weight);
+      if (bound < (double)nextafterf(best, -INFINITY)) {
+        status[i] = REFINED;
+        refined[done] = i;
+        scaled_column(stencil, peak, best, scaled, m, done++);
+        continue;
+      }
+      goto blur_whole;
+    }
+#endif
+    if (!rows_known) {  /* the second region needs every row's maximum */
+      if ((vector ? scan_rows_avx2 : scan_rows)(map, h, w, rowmax, &next)) {
+        status[i] = PYTHON;  /* not the device's maps: never with its peaks */
+        coords[2 * i] = coords[2 * i + 1] = 0.0f;
+        continue;
+      }
+    }
     long second;
 #if defined(__x86_64__) || defined(__i386__)
     if (vector && w % 8 == 0)
@@ -713,7 +889,7 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
 #if defined(__x86_64__) || defined(__i386__)
       if (vector && ksize == 11 && region == 5)
         best2 = region_blur_11_5(map, h, w, ys[1], xs[1], k, variant, NULL,
-                                 &next);
+                                 &next, NULL);
       else
 #endif
         best2 = region_blur(map, h, w, ys[1], xs[1], region, k, ksize,
@@ -735,6 +911,7 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
         continue;
       }
     }
+  blur_whole:
 #if defined(__x86_64__) || defined(__i386__)
     if (vector && ksize == 11 && w % 4 == 0)
       best = whole_blur_11(map, h, w, k, variant, work);
@@ -760,11 +937,14 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
 #define DARK_MAPS_ARGS                                                        \
   const float *maps, long m, int h, int w, const double *k, int ksize,        \
       int region, int core, double total, double weight, int variant,         \
-      double *work, int8_t *status, float *coords, float *maxval,             \
-      int64_t *refined, float *scaled, int64_t *count
+      const int32_t *peak_stats, const float *first_windows,                  \
+      const float *second_windows, double *work, int8_t *status,              \
+      float *coords, float *maxval, int64_t *refined, float *scaled,          \
+      int64_t *count
 #define DARK_MAPS_CALL                                                        \
-  maps, m, h, w, k, ksize, region, core, total, weight, variant, work,        \
-      status, coords, maxval, refined, scaled, count
+  maps, m, h, w, k, ksize, region, core, total, weight, variant,              \
+      peak_stats, first_windows, second_windows, work, status, coords,        \
+      maxval, refined, scaled, count
 
 #if defined(__x86_64__) || defined(__i386__)
 __attribute__((target("avx2,fma"))) static void blur_fma(DARK_BLUR_ARGS) {
@@ -773,8 +953,8 @@ __attribute__((target("avx2,fma"))) static void blur_fma(DARK_BLUR_ARGS) {
 __attribute__((target("avx2,fma"))) static long maps_fma(DARK_MAPS_ARGS) {
   if (ksize == 11 && region == 5 && variant == 1)  /* constant sizes */
     return dark_maps_impl(maps, m, h, w, k, 11, 5, core, total, weight, 1,
-                          work, status, coords, maxval, refined, scaled,
-                          count, 1);
+                          peak_stats, first_windows, second_windows, work,
+                          status, coords, maxval, refined, scaled, count, 1);
   return dark_maps_impl(DARK_MAPS_CALL, 1);
 }
 static int plain_only = 0;  /* dark_set_plain: tests of the plain build */

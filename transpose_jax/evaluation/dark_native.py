@@ -34,7 +34,7 @@ from transpose_jax import clib
 
 logger = logging.getLogger(__name__)
 
-_ABI_VERSION = 6
+_ABI_VERSION = 10
 _SOURCE = pathlib.Path(__file__).with_name('_dark.c')
 _LIBRARY = pathlib.Path(__file__).with_name('_dark.so')
 _FLAGS = ['-O3', '-fno-fast-math', '-ffp-contract=off', '-fno-math-errno']
@@ -67,7 +67,7 @@ def _open(path: pathlib.Path) -> ctypes.CDLL | None:
       address, ctypes.c_long, ctypes.c_int, ctypes.c_int, address,
       ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_double,
       ctypes.c_double, ctypes.c_int, address, address, address, address,
-      address, address, address]
+      address, address, address, address, address, address]
   lib.dark_set_plain.restype = None
   lib.dark_set_plain.argtypes = [ctypes.c_int]
   lib.dark_newton.restype = ctypes.c_int
@@ -207,9 +207,14 @@ def set_enabled(enabled: bool) -> None:
 
 
 def dark_maps(maps: np.ndarray, kernel: int, region: int, core: int,
-              total: float, weight: float):
+              total: float, weight: float, peaks=None):
   """`_dark.c`'s dark_maps on maps [M, h, w] float32 (C order), or None when
   the C path is off.
+
+  peaks: None, or `decode.peak_statistics` of these maps with this `core`
+  (stats [M, 4] int32, first_window and second_window [M, 21, 22] float32):
+  then the maps not blurred whole are read only at their maximum (and in
+  the windows).
 
   Returns (refined and scaled: views of this thread's buffers, valid until
   its next call):
@@ -232,9 +237,19 @@ def dark_maps(maps: np.ndarray, kernel: int, region: int, core: int,
       status=(np.int8, (m,)), coords=(np.float32, (m, 2)),
       maxval=(np.float32, (m,)), refined=(np.int64, (m,)),
       scaled=(np.float32, (25, m)), count=(np.int64, (1,)))
+  stats = first = second = None
+  if peaks is not None:
+    stats, first, second = peaks
+    if (stats.shape != (m, 4) or first.shape != (m, 21, 22)
+        or second.shape != (m, 21, 22)):
+      raise ValueError(f'peak statistics of {m} maps expected, got '
+                       f'{stats.shape}, {first.shape}, {second.shape}')
+    stats = _address(stats, np.int32)
+    first, second = _address(first, np.float32), _address(second, np.float32)
   whole = _lib.dark_maps(
       _address(maps, np.float32), m, h, w, _kernel_address(kernel), kernel,
-      region, core, total, weight, chosen, at['work'], at['status'],
+      region, core, total, weight, chosen, stats, first, second, at['work'],
+      at['status'],
       at['coords'], at['maxval'], at['refined'], at['scaled'], at['count'])
   s = int(out['count'][0])
   return (out['status'].copy(), out['coords'].copy(), out['maxval'].copy(),

@@ -15,6 +15,7 @@ Unlike the official functions, nothing here modifies its inputs in place.
 
 from collections.abc import Sequence
 import functools
+from typing import Any, NamedTuple
 
 import cv2
 import jax
@@ -49,6 +50,27 @@ _NEWTON_ROWS = tuple(
 # Maps `_dark` has blurred whole since the process started (the bounds did
 # not settle them; benchmarks/eval_host.py reports the share).
 maps_blurred_whole = 0
+
+
+class PeakStatistics(NamedTuple):
+  """`peak_statistics` of maps [..., h, w]."""
+  # [..., 4] int32: the flat index of the first maximum (-1: the map holds a
+  # NaN or an infinity); the bits of max(+0.0, the largest value outside the
+  # core box around it); the flat index of that value's first occurrence
+  # outside the box (the second maximum); the bits of max(+0.0, the largest
+  # value outside both boxes). What `_dark` computes from the whole map.
+  stats: Any
+  # [..., 21, 22] float32 each: rows cy - 10 .. cy + 10 and columns cx - 10
+  # .. cx + 11 around the first / the second maximum (cy, cx), zeros beyond
+  # the map: what the C blur of a region (kernel 11, _REGION 5) reads
+  # (_dark.c WINDOW_ROWS, WINDOW_COLS). Two arrays: the host streams
+  # through the first windows, the second ones it seldom needs.
+  first_window: Any
+  second_window: Any
+
+
+_WINDOW_SHAPE = (21, 22)
+_WINDOW_BEFORE = 10
 
 
 def _check_heatmaps(heatmaps: np.ndarray, name: str = 'heatmaps',
@@ -152,6 +174,20 @@ def gaussian_blur(heatmaps: np.ndarray, kernel: int = 11) -> np.ndarray:
     ratio = origin_max / out.reshape(n, k, -1).max(axis=2)
   out *= ratio[..., None, None]
   return out
+
+
+def _check_peaks(peaks, shape) -> PeakStatistics:
+  """peaks as numpy arrays, checked against `peak_statistics`' layout."""
+  peaks = PeakStatistics(*(np.asarray(a) for a in peaks))
+  want = PeakStatistics((shape + (4,), np.int32), (shape + _WINDOW_SHAPE, np.float32),
+                        (shape + _WINDOW_SHAPE, np.float32))
+  for name, a, (want_shape, dtype) in zip(peaks._fields, peaks, want):
+    if a.shape != want_shape or a.dtype != dtype:
+      raise ValueError(
+          f'peaks must be peak_statistics of the heatmaps: {name} '
+          f'{np.dtype(dtype)} {list(want_shape)} expected, got {a.dtype} '
+          f'{list(a.shape)}')
+  return peaks
 
 
 def _check_kernel(kernel: int) -> None:
@@ -298,8 +334,69 @@ def _kernel_sums(kernel: int, core: int, region: int) -> tuple[float, float]:
   return float(g.sum() ** 2), float(in_core(0) * in_core(region + 1))
 
 
-def _dark(maps: np.ndarray, kernel: int) -> tuple[np.ndarray, np.ndarray]:
-  """Argmax + DARK refinement of maps [M, h, w] (float32, C order).
+def peak_statistics(maps: jax.Array) -> PeakStatistics:
+  """The device's share of DARK decoding, for maps [..., h, w] float32.
+
+  Each map's first maximum, the largest value outside the core box around
+  it, where that one first occurs (the second maximum), the largest value
+  outside both boxes, and the pixels around the two maxima
+  (`PeakStatistics`). With these, `decode_heatmaps` reads, for all maps but
+  those blurred whole, one value of the map and the windows: the host's
+  reads of whole maps from memory were most of its decoding time, and an
+  accelerator gathers the windows in microseconds.
+
+  Exact on every backend: the values are compared as their bit patterns
+  ordered as integers (accelerators may flush denormal floats to zero in
+  comparisons), the windows are copies; the host uses a maximum only if it
+  is a normal float > 0 (_dark.c `given_peak_usable`, `given_second_usable`),
+  where those orders agree with numpy's.
+  """
+  h, w = maps.shape[-2:]
+  lead = maps.shape[:-2]
+  maps = maps.astype(jnp.float32)
+  bits = jax.lax.bitcast_convert_type(maps, jnp.int32)
+  # Negative floats' bits reversed: integers in the floats' order (-0.0
+  # below +0.0; a NaN's place does not matter, such maps get index -1).
+  key = jnp.where(bits < 0, bits ^ 0x7fffffff, bits)
+  low = jnp.iinfo(jnp.int32).min
+  ys, xs = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+
+  def first_max(keys):  # flat index of the first largest key
+    return jnp.argmax(keys.reshape(*lead, h * w), axis=-1).astype(jnp.int32)
+
+  def box(index):
+    cy, cx = (index // w)[..., None, None], (index % w)[..., None, None]
+    return (jnp.abs(ys - cy) <= _CORE) & (jnp.abs(xs - cx) <= _CORE)
+
+  first = first_max(key)
+  beyond_first = jnp.where(box(first), low, key)
+  second = first_max(beyond_first)
+  beyond_both = jnp.where(box(second), low, beyond_first)
+  special = ((bits & 0x7f800000) == 0x7f800000).any(axis=(-2, -1))
+  stats = jnp.stack([
+      jnp.where(special, -1, first),
+      jnp.maximum(beyond_first.max(axis=(-2, -1)), 0), second,
+      jnp.maximum(beyond_both.max(axis=(-2, -1)), 0)], axis=-1)
+  rows, cols = _WINDOW_SHAPE
+  before = _WINDOW_BEFORE
+  padded = jnp.pad(maps.reshape(-1, h, w),
+                   ((0, 0), (before, rows - 1 - before), (before, cols - 1 - before)))
+
+  def window(at):
+    return jax.vmap(lambda m, p: jax.lax.dynamic_slice(m, (p // w, p % w), (rows, cols)))(
+        padded, at.reshape(-1)).reshape(*lead, rows, cols)
+
+  return PeakStatistics(stats, window(first), window(second))
+
+
+_peak_statistics_jit = jax.jit(peak_statistics)
+
+
+def _dark(maps: np.ndarray, kernel: int,
+          peaks: PeakStatistics | None = None
+          ) -> tuple[np.ndarray, np.ndarray]:
+  """Argmax + DARK refinement of maps [M, h, w] (float32, C order); peaks:
+  None or `peak_statistics` of the maps (numpy, [M, ...]).
 
   The blur part, the rescaling and the Newton step in C (`dark_native`, the
   algorithm of `_dark_python` with OpenCV's blur written out) when its
@@ -313,7 +410,7 @@ def _dark(maps: np.ndarray, kernel: int) -> tuple[np.ndarray, np.ndarray]:
     bit-identical to get_max_preds + gaussian_blur + log + taylor_refine.
   """
   global maps_blurred_whole
-  native = (_native_dark(maps, kernel)
+  native = (_native_dark(maps, kernel, peaks)
             if dark_native.variant(kernel) is not None
             and _native_agrees(kernel) else None)
   if native is None:
@@ -323,12 +420,12 @@ def _dark(maps: np.ndarray, kernel: int) -> tuple[np.ndarray, np.ndarray]:
   return coords, maxvals
 
 
-def _native_dark(maps: np.ndarray, kernel: int):
+def _native_dark(maps: np.ndarray, kernel: int, peaks=None):
   """`_dark` through the C library: (coords, maxvals, maps blurred whole in
   C), or None when the C path is off. The maps C leaves go through
   `_dark_python` (which counts its own whole blurs)."""
   native = dark_native.dark_maps(maps, kernel, _REGION, _CORE,
-                                 *_kernel_sums(kernel, _CORE, _REGION))
+                                 *_kernel_sums(kernel, _CORE, _REGION), peaks)
   if native is None:
     return None
   status, coords, maxvals, refined, scaled, whole = native
@@ -362,16 +459,17 @@ def _native_agrees(kernel: int) -> bool:
     groups = np.stack(maps[-15:]).astype(np.float32)
     whole = maps_blurred_whole
     want = _dark_python(groups, kernel)
-    got = _native_dark(groups, kernel)
-    maps_blurred_whole = whole  # not counted
-    if got is None:
-      return False
-    if not (np.array_equal(got[0].view(np.int32), want[0].view(np.int32))
-            and np.array_equal(got[1].view(np.int32), want[1].view(np.int32))):
-      dark_native.logger.warning(
-          'DARK decoding in C differs from numpy + cv2 on test maps (%dx%d); '
-          'numpy + cv2 decoding (same results, slower)', h, w)
-      return False
+    peaks = tuple(np.asarray(a) for a in _peak_statistics_jit(groups))
+    for got in (_native_dark(groups, kernel), _native_dark(groups, kernel, peaks)):
+      maps_blurred_whole = whole  # not counted
+      if got is None:
+        return False
+      if not (np.array_equal(got[0].view(np.int32), want[0].view(np.int32))
+              and np.array_equal(got[1].view(np.int32), want[1].view(np.int32))):
+        dark_native.logger.warning(
+            'DARK decoding in C differs from numpy + cv2 on test maps (%dx%d); '
+            'numpy + cv2 decoding (same results, slower)', h, w)
+        return False
   return True
 
 
@@ -646,7 +744,8 @@ def _inverse_transforms(center: np.ndarray, scale: np.ndarray,
 def decode_heatmaps(heatmaps: np.ndarray, center: np.ndarray,
                    scale: np.ndarray, blur_kernel: int = 11,
                    transform_back: bool = True, *,
-                   channels_first: bool = False
+                   channels_first: bool = False,
+                   peaks: PeakStatistics | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
   """Official TransPose decoding (`get_final_preds`): argmax + DARK, back to
   image pixels.
@@ -660,6 +759,9 @@ def decode_heatmaps(heatmaps: np.ndarray, center: np.ndarray,
     channels_first: heatmaps are [N, K, h, w] (the official layout; the
       evaluation transposes them on the device, which saves the host a
       strided copy of every map).
+    peaks: None, or `peak_statistics` of these heatmaps in the
+      channels-first layout (arrays [N, K, ...]), computed on the device with
+      them (evaluate.py): the same results, the host reads less of each map.
 
   Returns:
     preds: [N, K, 2] float32 (x, y).
@@ -679,7 +781,10 @@ def decode_heatmaps(heatmaps: np.ndarray, center: np.ndarray,
     raise ValueError(
         f'center and scale must be [{n}, 2] for {n} heatmaps, got '
         f'{center.shape} and {scale.shape}')
-  coords, maxvals = _dark(heatmaps.reshape(n * k, h, w), blur_kernel)
+  if peaks is not None:
+    peaks = PeakStatistics(*(np.ascontiguousarray(a).reshape(n * k, *a.shape[2:])
+                             for a in _check_peaks(peaks, (n, k))))
+  coords, maxvals = _dark(heatmaps.reshape(n * k, h, w), blur_kernel, peaks)
   coords = coords.reshape(n, k, 2)
   maxvals = maxvals.reshape(n, k, 1)
   if transform_back and n:

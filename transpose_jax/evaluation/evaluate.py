@@ -13,7 +13,9 @@ distributed:
 3. each process decodes its own rows with `decode.decode_heatmaps` (DARK),
    then the predictions are gathered on every process (the heatmaps come to
    the host as [N, K, h, w], transposed on the device: the host would spend
-   more on that strided copy than on the decoding);
+   more on that strided copy than on the decoding; with each map's maximum
+   and largest value outside it, `decode.peak_statistics`, so that the host
+   reads most maps only around their maximum);
 4. COCO: rescoring + OKS-NMS + COCOeval (`coco_metrics`); MPII: PCKh
    (`mpii_metrics`) against ROOT/annot/gt_{val_split}.mat.
 
@@ -26,6 +28,7 @@ the metrics table and in metrics.json (`skipped_images`, `skipped_persons`).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -40,6 +43,7 @@ import numpy as np
 import scipy.io
 
 from transpose_jax import config_schema
+from transpose_jax import kernels
 from transpose_jax import paths
 from transpose_jax import sharding
 from transpose_jax.checkpoints import store
@@ -127,8 +131,13 @@ def run_inference(model: nnx.Module, config, split, *,
   blur = int(config.eval.blur_kernel)
   indices, preds, maxvals, unreadable = [], [], [], []
 
-  def decode_batch(heatmaps: jax.Array, batch: dict[str, np.ndarray]):
+  with_peaks = device_peak_statistics(mesh)
+
+  def decode_batch(device_out, batch: dict[str, np.ndarray]):
+    heatmaps, peaks = device_out
     rows = forward.local_rows(heatmaps)
+    if peaks is not None:
+      peaks = tuple(forward.local_rows(a) for a in peaks)
     mask = np.asarray(batch['mask'], bool)
     positions = np.asarray(batch['index'])
     unreadable.append(positions[(positions >= 0) & ~mask])  # padding has index -1
@@ -137,8 +146,11 @@ def run_inference(model: nnx.Module, config, split, *,
       return
     center = np.stack([np.asarray(records[i]['center']) for i in index])
     scale = np.stack([np.asarray(records[i]['scale']) for i in index])
-    p, m = decode.decode_heatmaps(rows if mask.all() else rows[mask], center,
-                                  scale, blur_kernel=blur, channels_first=True)
+    if not mask.all():
+      rows = rows[mask]
+      peaks = peaks and tuple(a[mask] for a in peaks)
+    p, m = decode.decode_heatmaps(rows, center, scale, blur_kernel=blur,
+                                  channels_first=True, peaks=peaks)
     indices.append(index)
     preds.append(p)
     maxvals.append(m)
@@ -148,12 +160,12 @@ def run_inference(model: nnx.Module, config, split, *,
   pending = None
   start, timed_crops = None, 0
   for step, batch in enumerate(loader):
-    heatmaps = _channels_first(predictor(batch['image']))
+    device_out = _for_decoding(predictor(batch['image']), with_peaks=with_peaks)
     if pending is not None:
       decode_batch(*pending)
-    pending = (heatmaps, batch)
+    pending = (device_out, batch)
     if step == 0:
-      jax.block_until_ready(heatmaps)
+      jax.block_until_ready(device_out)
       start = time.perf_counter()  # excludes compilation
     else:
       timed_crops += len(batch['mask'])
@@ -184,9 +196,22 @@ def run_inference(model: nnx.Module, config, split, *,
   return out
 
 
-@jax.jit
-def _channels_first(heatmaps: jax.Array) -> jax.Array:
-  return heatmaps.transpose(0, 3, 1, 2)
+def device_peak_statistics(mesh: jax.sharding.Mesh) -> bool:
+  """Whether the devices compute `decode.peak_statistics` for the host's
+  decoding: on accelerators (microseconds there; the host then reads ~1/3 of
+  each map). Not on CPU devices: XLA:CPU's reductions took ~250 us per crop
+  here (benchmarks/eval_host.py prints it), more than the host scan they
+  save (~10 us)."""
+  return kernels.platform_of(mesh) != 'cpu'
+
+
+@functools.partial(jax.jit, static_argnames='with_peaks')
+def _for_decoding(heatmaps: jax.Array, *, with_peaks: bool):
+  """On the device: the heatmaps in the official [N, K, h, w] layout (the
+  host reads each map contiguously) and, with_peaks, their
+  `decode.peak_statistics` (else None)."""
+  maps = heatmaps.transpose(0, 3, 1, 2)
+  return maps, decode.peak_statistics(maps) if with_peaks else None
 
 
 def _allgather_ragged(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
