@@ -460,7 +460,30 @@ def _prefetch(ds: grain.IterDataset, config) -> grain.IterDataset:
   return ds.mp_prefetch(grain.MultiprocessingOptions(
       num_workers=workers,
       per_worker_buffer_size=max(1, int(config.data.prefetch_buffer_size)) * 8),
-                        worker_init_fn=_worker_init)
+                        worker_init_fn=_worker_init).map(unlink_on_arrival)
+
+
+def unlink_on_arrival(element):
+  """element (a sample from grain's workers), with the names of the shared
+  memory segments its arrays arrived in removed.
+
+  grain leaves that to each array's deletion: after a garbage collection
+  when a reference cycle holds it, in a thread pool whose queued work is
+  dropped at exit, and never when the array (or a view of it) lives until
+  interpreter shutdown, where its deletion fails. A run left a segment
+  named now and then (resource_tracker's "leaked shared_memory objects" at
+  exit). The mapping stays valid without its name; each array now only
+  closes it.
+  """
+  if isinstance(element, dict):
+    return {key: unlink_on_arrival(value) for key, value in element.items()}
+  if isinstance(element, (list, tuple)):
+    return type(element)(unlink_on_arrival(value) for value in element)
+  if (isinstance(element, SharedMemoryArray) and element.shm is not None
+      and element._unlink_on_del):  # pylint: disable=protected-access
+    element._unlink_on_del = False  # pylint: disable=protected-access
+    element.shm.unlink()  # also unregisters it from the resource tracker
+  return element
 
 
 def _worker_init(worker_index: int, worker_count: int) -> None:

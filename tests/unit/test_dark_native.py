@@ -253,9 +253,11 @@ def test_end_to_end_check_catches_a_wrong_blur(monkeypatch, variant):
   monkeypatch.setattr(dark_native, '_kernel', lambda size: other)
   try:
     assert not decode._native_agrees(11)  # pylint: disable=protected-access
+    assert not decode._native_agrees(11, with_peaks=True)  # pylint: disable=protected-access
     monkeypatch.undo()
     decode._native_agrees.cache_clear()  # pylint: disable=protected-access
     assert decode._native_agrees(11)  # pylint: disable=protected-access
+    assert decode._native_agrees(11, with_peaks=True)  # pylint: disable=protected-access
   finally:
     decode._native_agrees.cache_clear()  # pylint: disable=protected-access
 

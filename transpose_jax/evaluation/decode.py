@@ -410,9 +410,10 @@ def _dark(maps: np.ndarray, kernel: int,
     bit-identical to get_max_preds + gaussian_blur + log + taylor_refine.
   """
   global maps_blurred_whole
-  native = (_native_dark(maps, kernel, peaks)
-            if dark_native.variant(kernel) is not None
-            and _native_agrees(kernel) else None)
+  usable = dark_native.variant(kernel) is not None and _native_agrees(kernel)
+  if usable and peaks is not None and not _native_agrees(kernel, with_peaks=True):
+    peaks = None
+  native = _native_dark(maps, kernel, peaks) if usable else None
   if native is None:
     return _dark_python(maps, kernel)
   coords, maxvals, whole = native
@@ -439,10 +440,13 @@ def _native_dark(maps: np.ndarray, kernel: int, peaks=None):
 
 
 @functools.cache
-def _native_agrees(kernel: int) -> bool:
+def _native_agrees(kernel: int, with_peaks: bool = False) -> bool:
   """Whether the C path gives `_dark_python`'s results on test maps (peaks
-  inside, near the border, two and three peaks, noise): checked once per
-  process and kernel size; False turns the C path off (logged)."""
+  inside, near the border, two and three peaks, noise), with_peaks: given
+  their `peak_statistics` too (computed on the default device: only
+  processes that get them from the devices pay for its compilation):
+  checked once per process and kernel size; False turns the C path off
+  (logged)."""
   global maps_blurred_whole
   rng = np.random.default_rng(20260703)
   maps = []
@@ -459,17 +463,20 @@ def _native_agrees(kernel: int) -> bool:
     groups = np.stack(maps[-15:]).astype(np.float32)
     whole = maps_blurred_whole
     want = _dark_python(groups, kernel)
-    peaks = tuple(np.asarray(a) for a in _peak_statistics_jit(groups))
-    for got in (_native_dark(groups, kernel), _native_dark(groups, kernel, peaks)):
-      maps_blurred_whole = whole  # not counted
-      if got is None:
-        return False
-      if not (np.array_equal(got[0].view(np.int32), want[0].view(np.int32))
-              and np.array_equal(got[1].view(np.int32), want[1].view(np.int32))):
-        dark_native.logger.warning(
-            'DARK decoding in C differs from numpy + cv2 on test maps (%dx%d); '
-            'numpy + cv2 decoding (same results, slower)', h, w)
-        return False
+    peaks = (PeakStatistics(*(np.asarray(a) for a in _peak_statistics_jit(groups)))
+             if with_peaks else None)
+    got = _native_dark(groups, kernel, peaks)
+    maps_blurred_whole = whole  # not counted
+    if got is None:
+      return False
+    if not (np.array_equal(got[0].view(np.int32), want[0].view(np.int32))
+            and np.array_equal(got[1].view(np.int32), want[1].view(np.int32))):
+      dark_native.logger.warning(
+          'DARK decoding in C differs from numpy + cv2 on test maps (%dx%d%s); '
+          '%s (same results, slower)', h, w,
+          ' with the peak statistics' if with_peaks else '',
+          'without them' if with_peaks else 'numpy + cv2 decoding')
+      return False
   return True
 
 

@@ -13,9 +13,9 @@ distributed:
 3. each process decodes its own rows with `decode.decode_heatmaps` (DARK),
    then the predictions are gathered on every process (the heatmaps come to
    the host as [N, K, h, w], transposed on the device: the host would spend
-   more on that strided copy than on the decoding; with each map's maximum
-   and largest value outside it, `decode.peak_statistics`, so that the host
-   reads most maps only around their maximum);
+   more on that strided copy than on the decoding; on accelerators with
+   `decode.peak_statistics`, each map's maxima and the windows around them,
+   so that the host reads little of each map);
 4. COCO: rescoring + OKS-NMS + COCOeval (`coco_metrics`); MPII: PCKh
    (`mpii_metrics`) against ROOT/annot/gt_{val_split}.mat.
 
@@ -198,10 +198,10 @@ def run_inference(model: nnx.Module, config, split, *,
 
 def device_peak_statistics(mesh: jax.sharding.Mesh) -> bool:
   """Whether the devices compute `decode.peak_statistics` for the host's
-  decoding: on accelerators (microseconds there; the host then reads ~1/3 of
-  each map). Not on CPU devices: XLA:CPU's reductions took ~250 us per crop
-  here (benchmarks/eval_host.py prints it), more than the host scan they
-  save (~10 us)."""
+  decoding: on accelerators (the host then reads one value and the windows
+  of each map instead of all of it). Not on CPU devices: XLA:CPU took ~1 ms
+  per crop for them here, far more than the host time they save
+  (benchmarks/eval_host.py prints both)."""
   return kernels.platform_of(mesh) != 'cpu'
 
 
