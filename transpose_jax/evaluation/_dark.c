@@ -16,9 +16,10 @@
  * value beyond both boxes, and windows of the map around the two maxima),
  * a map is read at its maximum only, the regions are blurred from the
  * windows: reading whole maps from memory was most of dark_maps' time
- * (~0.6x the time per map out of the caches here). Maps the two regions do
- * not settle are blurred whole as without them; statistics that do not fit
- * the map where that is cheap to see send it the scanning way.
+ * (benchmarks/eval_host.py prints the decoding time with and without
+ * them). Maps the two regions do not settle are blurred whole as without
+ * them; statistics that do not fit the map where that is cheap to see send
+ * it the scanning way.
  *
  * The blur is cv2.GaussianBlur of the zero-padded map in a float64 canvas as
  * OpenCV 5 runs it for CV_64F (a separable filter, RowFilter then
@@ -756,9 +757,10 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
     const float *window = windows ? first_windows + i * WINDOW : NULL;
     if (windows && i + 2 < m) {
       /* Two maps ahead: the first window (sequential, but the hardware's
-       * prefetcher stops at page boundaries) and the maximum's line; ~20%
-       * of dark_maps' time on maps out of the caches (distance 1: the
-       * same; a third of that with the second windows too: more bytes). */
+       * prefetcher stops at page boundaries) and the maximum's line. Timed
+       * on the benchmark's maps out of the caches: clearly faster than
+       * none; one map ahead the same; with the second windows as well,
+       * slower than without them (their bytes, seldom read). */
       const char *ahead = (const char *)(first_windows + (i + 2) * WINDOW);
       for (int at = 0; at < (int)sizeof(float) * WINDOW; at += 64)
         __builtin_prefetch(ahead + at, 0, 3);

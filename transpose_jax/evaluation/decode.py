@@ -343,7 +343,8 @@ def peak_statistics(maps: jax.Array) -> PeakStatistics:
   (`PeakStatistics`). With these, `decode_heatmaps` reads, for all maps but
   those blurred whole, one value of the map and the windows: the host's
   reads of whole maps from memory were most of its decoding time, and an
-  accelerator gathers the windows in microseconds.
+  accelerator computes these with the forward (evaluate.py; on CPU devices
+  XLA takes longer than the host time they save).
 
   Exact on every backend: the values are compared as their bit patterns
   ordered as integers (accelerators may flush denormal floats to zero in
