@@ -772,6 +772,12 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path,
       if pending is not None:
         check(*pending)
       pending = (step, metrics)
+      if step % config.log_every_steps == 0:
+        # A logged window ends when its last step has run: checked before
+        # the next dispatch, which on CPU devices runs the next step (its
+        # time fell into this window, and the last window timed nothing).
+        check(*pending)
+        pending = None
 
       stop = preemption.reached(step)
       do_eval = config.eval_every_steps > 0 and (
@@ -780,8 +786,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path,
                  step % config.checkpoint_every_steps == 0)
       if not do_save:
         continue
-      check(*pending)
-      pending = None
+      if pending is not None:
+        check(*pending)
+        pending = None
       clock.pause()  # the rate excludes evaluation and saving
       score = None
       if do_eval and not stop:
