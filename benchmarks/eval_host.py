@@ -11,9 +11,9 @@ broad; some crops see a second person's joint; background noise), several
 crops per image as with detector boxes, float32 centers / scales and float64
 box scores. The heatmaps come in batches of --batch crops, in the [N, K, h, w]
 layout the evaluation loop gets from the device, with the batch's
-`decode.peak_statistics` (each map's first maximum and its largest value
-outside the core box), which evaluate.py computes on the device with the
-heatmaps: here XLA:CPU computes them before the clock starts (their time is
+`decode.peak_statistics` (each map's maxima, the largest values beyond them
+and the windows around them), which evaluate.py computes on the device with
+the heatmaps: here XLA:CPU computes them before the clock starts (their time is
 printed, not counted: it is the accelerator's), and the host-only run
 (statistics not given, every map scanned on the host) is printed too.
 

@@ -771,6 +771,7 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
     /* rows_known: rowmax holds this map's row maxima (scanned) */
     int rows_known = stat == NULL || !given_peak_usable(
         map, h, w, core, stat[FIRST], stat[FIRST_REST], window);
+    if (rows_known) window = NULL;  /* statistics unused: the map is read */
     if (!rows_known) {
       if (stat[FIRST] < 0) continue;  /* NaN / inf: Python */
       /* The next map's lines around its maximum (the region's rows). */
@@ -812,33 +813,30 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
       continue;
     }
     int ys[2] = {cy, 0}, xs[2] = {cx, 0};
+    /* The first region (from the device's window, if any) and the largest
+     * value outside the core box (the device's, or from the rows). */
+    int blur_11_5 = vector && ksize == 11 && region == 5 && w % 8 == 0;
     float best, raw;
-    if (!rows_known) {  /* the largest value outside the core box: given */
 #if defined(__x86_64__) || defined(__i386__)
-      if (vector && ksize == 11 && region == 5 && w % 8 == 0)
-        best = region_blur_11_5(map, h, w, cy, cx, k, variant, stencil, &next,
-                                window);
-      else
-#endif
-        best = region_blur(map, h, w, cy, cx, region, k, ksize, variant,
-                           stencil);
-      memcpy(&raw, &stat[FIRST_REST], 4);
-    }
-#if defined(__x86_64__) || defined(__i386__)
-    else if (vector && ksize == 11 && region == 5 && w % 8 == 0) {
+    if (blur_11_5)
       best = region_blur_11_5(map, h, w, cy, cx, k, variant, stencil, &next,
-                              NULL);
+                              window);
+    else
+#endif
+      best = region_blur(map, h, w, cy, cx, region, k, ksize, variant,
+                         stencil);
+    if (!rows_known)
+      memcpy(&raw, &stat[FIRST_REST], 4);
+#if defined(__x86_64__) || defined(__i386__)
+    else if (blur_11_5) {
       raw = core_rows_rest(map, h, w, cy, cx, core);
       raw = rows_max_avx2(rowmax, 0, cy - core > 0 ? cy - core : 0, raw);
       raw = rows_max_avx2(rowmax, cy + core + 1 < h ? cy + core + 1 : h, h,
                           raw);
-    } else
-#endif
-    {
-      best = region_blur(map, h, w, cy, cx, region, k, ksize, variant,
-                         stencil);
-      raw = outside_max(map, h, w, rowmax, ys, xs, 1, core, NULL);
     }
+#endif
+    else
+      raw = outside_max(map, h, w, rowmax, ys, xs, 1, core, NULL);
     double rest = raw > 0 ? (double)raw : 0.0;
     double peaks[2] = {(double)peak, (double)raw};
     double bound = beyond_bound(rest, peaks, 1, total, weight);
@@ -848,62 +846,60 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
       scaled_column(stencil, peak, best, scaled, m, done++);
       continue;
     }
+    /* The second region, around the first occurrence of that value, and
+     * the largest value beyond both boxes: the device's (with its window),
+     * or from every row's maximum. */
+    const float *window2 = NULL;
+    float raw2 = 0.0f;
+    int has_second = 0;
 #if defined(__x86_64__) || defined(__i386__)
-    if (!rows_known && window &&
+    if (window &&
         given_second_usable(h, w, core, cy, cx, raw, stat,
                             second_windows + i * WINDOW)) {
-      /* the second region and what lies beyond both boxes: given too */
-      int sy = stat[SECOND] / w, sx = stat[SECOND] % w;
-      float best2 = region_blur_11_5(map, h, w, sy, sx, k, variant, NULL,
-                                     &next, second_windows + i * WINDOW);
-      if (best2 > best) best = best2;
-      float raw2;
+      window2 = second_windows + i * WINDOW;
+      ys[1] = stat[SECOND] / w;
+      xs[1] = stat[SECOND] % w;
       memcpy(&raw2, &stat[SECOND_REST], 4);
-      rest = raw2 > 0 ? (double)raw2 : 0.0;
-      bound = beyond_bound(rest, peaks, 2, total, weight);
-      if (bound < (double)nextafterf(best, -INFINITY)) {
-        status[i] = REFINED;
-        refined[done] = i;
-        scaled_column(stencil, peak, best, scaled, m, done++);
-        continue;
-      }
-      goto blur_whole;
-    }
+      has_second = 1;
+    } else
 #endif
-    if (!rows_known) {  /* the second region needs every row's maximum */
-      if ((vector ? scan_rows_avx2 : scan_rows)(map, h, w, rowmax, &next)) {
+    {
+      if (!rows_known &&
+          (vector ? scan_rows_avx2 : scan_rows)(map, h, w, rowmax, &next)) {
         status[i] = PYTHON;  /* not the device's maps: never with its peaks */
         coords[2 * i] = coords[2 * i + 1] = 0.0f;
         continue;
       }
-    }
-    long second;
+      long second;
 #if defined(__x86_64__) || defined(__i386__)
-    if (vector && w % 8 == 0)
-      outside_max_avx2(map, h, w, rowmax, ys, xs, 1, core, &second);
-    else
+      if (vector && w % 8 == 0)
+        outside_max_avx2(map, h, w, rowmax, ys, xs, 1, core, &second);
+      else
 #endif
-      outside_max(map, h, w, rowmax, ys, xs, 1, core, &second);
-    if (second >= 0) {
-      ys[1] = (int)(second / w);
-      xs[1] = (int)(second % w);
+        outside_max(map, h, w, rowmax, ys, xs, 1, core, &second);
+      if (second >= 0) {
+        ys[1] = (int)(second / w);
+        xs[1] = (int)(second % w);
+#if defined(__x86_64__) || defined(__i386__)
+        if (vector && w % 8 == 0)
+          raw2 = outside_max_avx2(map, h, w, rowmax, ys, xs, 2, core, NULL);
+        else
+#endif
+          raw2 = outside_max(map, h, w, rowmax, ys, xs, 2, core, NULL);
+        has_second = 1;
+      }
+    }
+    if (has_second) {
       float best2;
 #if defined(__x86_64__) || defined(__i386__)
       if (vector && ksize == 11 && region == 5)
         best2 = region_blur_11_5(map, h, w, ys[1], xs[1], k, variant, NULL,
-                                 &next, NULL);
+                                 &next, window2);
       else
 #endif
         best2 = region_blur(map, h, w, ys[1], xs[1], region, k, ksize,
                             variant, NULL);
       if (best2 > best) best = best2;
-      float raw2;
-#if defined(__x86_64__) || defined(__i386__)
-      if (vector && w % 8 == 0)
-        raw2 = outside_max_avx2(map, h, w, rowmax, ys, xs, 2, core, NULL);
-      else
-#endif
-        raw2 = outside_max(map, h, w, rowmax, ys, xs, 2, core, NULL);
       rest = raw2 > 0 ? (double)raw2 : 0.0;
       bound = beyond_bound(rest, peaks, 2, total, weight);
       if (bound < (double)nextafterf(best, -INFINITY)) {
@@ -913,7 +909,6 @@ static inline __attribute__((always_inline)) long dark_maps_impl(
         continue;
       }
     }
-  blur_whole:
 #if defined(__x86_64__) || defined(__i386__)
     if (vector && ksize == 11 && w % 4 == 0)
       best = whole_blur_11(map, h, w, k, variant, work);
